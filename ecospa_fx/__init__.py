@@ -1,0 +1,21 @@
+"""ecospa_fx: coupled structured compression of transformers as a torch.export / FX pass."""
+
+from ecospa_fx.api import compress, discover
+from ecospa_fx.config import CompressConfig
+from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
+from ecospa_fx.report import Group, Member, Report, Skipped
+
+__all__ = [
+    "CaptureError",
+    "CompressConfig",
+    "EcospaError",
+    "Group",
+    "InputError",
+    "Member",
+    "Report",
+    "Skipped",
+    "VerificationError",
+    "compress",
+    "discover",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""Public verbs: ``compress`` (returns a smaller model) and ``discover`` (returns the groups only)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ecospa_fx.config import CompressConfig
+from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
+from ecospa_fx.report import Group, Member, Report, Skipped
+from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs
+from passes.coupling_state import CouplingFacts
+from passes.dataflow import analyse
+from passes.groups import CoupledUnits, build_groups
+from passes.plan import PlanSettings, plan_group
+from passes.rewrite import RewriteError, apply_plan
+from passes.score import coupled_magnitude
+from passes.verify import oracle_diff
+
+
+def compress(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    sparsity: float = 0.5,
+    *,
+    config: CompressConfig | None = None,
+    dynamic_shapes: Any = None,
+    **options: Any,
+) -> fx.GraphModule:
+    """Remove coupled channels from ``model``; return a smaller module computing the pruned function.
+
+    The result is a ``torch.fx.GraphModule`` called with the same positional inputs as ``model``; its
+    report is ``result.ecospa_report`` (also ``result.report``). ``model`` is not modified. Options are the
+    fields of ``CompressConfig`` (granularity, kinds, round_to, importance, verify, atol).
+    """
+    config = config or CompressConfig(sparsity=sparsity, **options)
+    inputs = _checked(model, example_inputs)
+    gm = _capture(model, inputs, dynamic_shapes)
+    analysis = analyse(gm)
+    groups = build_groups(analysis.facts, config.granularity)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    keep, report = _plan(groups, analysis.facts, params, config)
+    compressed = copy.deepcopy(gm)
+    try:
+        apply_plan(compressed, analysis, keep)
+    except RewriteError as err:
+        raise EcospaError(f"rewrite failed, model left as it was: {err}") from err
+    report.params_before = _count(gm)
+    report.params_after = _count(compressed)
+    if config.verify:
+        _verify(model, compressed, inputs, report, config.atol)
+    compressed.ecospa_report = report
+    compressed.report = report
+    return compressed
+
+
+def discover(model: torch.nn.Module, example_inputs: Any, *, granularity: str = "channel",
+             dynamic_shapes: Any = None) -> Report:
+    """The coupled groups of ``model`` (nothing removed, nothing changed). Works on meta-device models."""
+    CompressConfig(sparsity=0.0, granularity=granularity)
+    inputs = _checked(model, example_inputs, allow_meta=True)
+    gm = _capture(model, inputs, dynamic_shapes)
+    analysis = analyse(gm)
+    groups = build_groups(analysis.facts, granularity)
+    config = CompressConfig(sparsity=0.0, granularity=granularity, verify=False)
+    _, report = _plan(groups, analysis.facts, {}, config)
+    report.params_before = report.params_after = _count(gm)
+    return report
+
+
+def _checked(model, example_inputs, allow_meta: bool = False) -> tuple:
+    try:
+        if allow_meta:
+            if not isinstance(model, torch.nn.Module):
+                raise CaptureInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            return check_inputs(torch.nn.Module(), example_inputs)
+        return check_inputs(model, example_inputs)
+    except CaptureInputError as err:
+        raise InputError(str(err)) from None
+
+
+def _capture(model, inputs, dynamic_shapes) -> fx.GraphModule:
+    try:
+        return capture(model, inputs, dynamic_shapes)
+    except CaptureFailed as err:
+        raise CaptureError(str(err)) from err.__cause__
+
+
+def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: CompressConfig):
+    """Keep mask over all global channels, and the report's groups and skipped entries."""
+    keep = np.ones(facts.n_channels, dtype=bool)
+    report = Report(sparsity=config.sparsity, granularity=config.granularity)
+    settings = PlanSettings(config.sparsity, config.round_to, config.granularity)
+    for group in groups:
+        reasons = list(group.reasons)
+        if not reasons and group.kind not in config.kinds:
+            reasons.append(f"kind {group.kind!r} not selected (kinds={config.kinds})")
+        if reasons:
+            report.skipped.append(Skipped(group.kind, _param_names(group, facts), tuple(reasons)))
+            continue
+        if config.sparsity > 0:
+            scores = coupled_magnitude(group, facts, params)
+            unit_keep = plan_group(group, scores, facts, settings)
+            for unit, kept in zip(group.units, unit_keep, strict=True):
+                if not kept:
+                    keep[unit] = False
+        report.groups.append(_report_group(group, facts, keep))
+    return keep, report
+
+
+def _param_names(group: CoupledUnits, facts: CouplingFacts) -> tuple[str, ...]:
+    return tuple(facts.spaces[s].param for s in group.spaces if not facts.spaces[s].is_virtual)
+
+
+def _report_group(group: CoupledUnits, facts: CouplingFacts, keep: np.ndarray) -> Group:
+    members, sites = [], []
+    for sid in group.spaces:
+        space = facts.spaces[sid]
+        local = keep[space.offset : space.offset + space.size]
+        in_group = np.zeros(space.size, dtype=bool)
+        channels = group.channels
+        mine = channels[(channels >= space.offset) & (channels < space.offset + space.size)] - space.offset
+        in_group[mine] = True
+        removed = tuple(int(i) for i in np.flatnonzero(in_group & ~local))
+        if space.is_virtual:
+            sites.append(f"{space.site[0]}[arg {space.site[1]}, axis {space.site[2]}]")
+        else:
+            members.append(Member(space.param, space.dim, space.size, removed))
+    units_removed = sum(not keep[u].any() for u in group.units)
+    return Group(group.kind, tuple(members), len(group.units), units_removed, tuple(sites))
+
+
+def _count(gm: torch.nn.Module) -> int:
+    return sum(p.numel() for p in gm.parameters())
+
+
+def _verify(model, compressed, inputs, report: Report, atol: float) -> None:
+    removed = [(m.param, m.dim, m.removed) for g in report.groups for m in g.members]
+    diff = oracle_diff(model, compressed, inputs, removed)
+    report.max_abs_diff = diff
+    if not diff <= atol:
+        raise VerificationError(
+            f"compressed model differs from the masked dense model by {diff:.3e} (> atol {atol}); "
+            "this is a bug in ecospa_fx: please report it with the model"
+        )

@@ -1,0 +1,119 @@
+"""The report contract: what was coupled, what was removed, what was skipped and why.
+
+``Report.groups`` lists every coupled group that was planned; each ``Group`` has ``kind`` and ``members``;
+each ``Member`` names a parameter of the *original* model (``param``), a dimension (``dim``) and the indices
+removed along it (``removed``, in the original index space). Zeroing all of them in the dense model gives
+the compressed model's function (the mask oracle).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Member:
+    param: str
+    dim: int
+    size: int
+    removed: tuple[int, ...]
+
+    @property
+    def kept(self) -> int:
+        return self.size - len(self.removed)
+
+
+@dataclass(frozen=True)
+class Group:
+    kind: str
+    members: tuple[Member, ...]
+    units: int
+    units_removed: int
+    sites: tuple[str, ...] = ()  # non-parameter operands gathered alongside (rotary cos/sin, masks)
+
+    @property
+    def layer(self) -> str:
+        """Display only: the longest common module prefix of the members' names."""
+        prefix = os.path.commonprefix([m.param for m in self.members]).rstrip(".")
+        return prefix.rsplit(".", 1)[0] if "." in prefix else prefix
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(m.param for m in self.members)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    kind: str
+    params: tuple[str, ...]
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class Report:
+    sparsity: float
+    granularity: str
+    groups: list[Group] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_diff: float | None = None
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def count(self, kind: str) -> int:
+        return sum(g.kind == kind for g in self.groups)
+
+    @property
+    def removed(self) -> dict[tuple[str, int], tuple[int, ...]]:
+        """(param, dim) -> removed indices, merged over groups."""
+        out: dict[tuple[str, int], set[int]] = {}
+        for g in self.groups:
+            for m in g.members:
+                out.setdefault((m.param, m.dim), set()).update(m.removed)
+        return {k: tuple(sorted(v)) for k, v in out.items() if v}
+
+    def table(self) -> Table:
+        table = Table(title=f"ecospa_fx: {self.granularity} granularity, sparsity {self.sparsity:g}")
+        for col in ("layer", "kind", "groups", "units kept", "params"):
+            table.add_column(col)
+        rows: dict[tuple[str, str], list[Group]] = {}
+        for g in self.groups:
+            rows.setdefault((g.layer, g.kind), []).append(g)
+        for (layer, kind), gs in rows.items():
+            units = sum(g.units for g in gs)
+            kept = units - sum(g.units_removed for g in gs)
+            widths = ", ".join(sorted({f"{m.param.rsplit('.', 2)[-2]}[{m.dim}] {m.size}->{m.kept}"
+                                       for g in gs for m in g.members}))
+            table.add_row(layer or "-", kind, str(len(gs)), f"{kept}/{units}", widths)
+        return table
+
+    def summary(self) -> str:
+        buf = io.StringIO()
+        console = Console(file=buf, width=140, force_terminal=False, color_system=None)
+        console.print(self.table())
+        kinds = {k: self.count(k) for k in ("qk", "vo", "ffn", "head") if self.count(k)}
+        lines = [buf.getvalue().rstrip(), f"groups: {kinds}"]
+        if self.params_before:
+            ratio = self.params_after / self.params_before
+            lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
+        if self.max_abs_diff is not None:
+            lines.append(f"verified against the masked dense model: max abs diff {self.max_abs_diff:.2e}")
+        if self.skipped:
+            lines.append(f"left dense ({len(self.skipped)} groups):")
+            for s in self.skipped:
+                shown = ", ".join(s.params[:3]) + (" ..." if len(s.params) > 3 else "")
+                lines.append(f"  - {s.kind} [{shown}]: {'; '.join(s.reasons[:2])}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,208 @@
+"""Dataflow analysis: label every tensor axis with the weight channels it carries.
+
+The analysis walks the exported graph once, in topological order. Parameters enter labelled on every
+axis with their own spaces (``identity_label``); every op maps its inputs' labels to its output's labels
+through a rule in ``passes.op_rules`` and records, in ``CouplingFacts``, the ties between channels that
+meet, the flags that say how channels end (contracted, summed, added to the residual stream) and the
+blockers that keep channels dense. An op without a rule that touches a labelled tensor blocks every
+channel it sees: unknown ops fail closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from passes.coupling_state import CouplingFacts
+from passes.labels import AxisLabel, Labels, identity_label, spaces_of
+from passes.meet import Operand, gqa_expand, letter_sizes, tie_operands
+
+LabelValue = Labels | list[Any] | None
+
+
+@dataclass
+class Analysis:
+    """Result of the analysis: labels per node name, and the collected facts."""
+
+    graph_module: fx.GraphModule
+    facts: CouplingFacts
+    labels: dict[str, LabelValue] = field(default_factory=dict)
+    weight_nodes: set[str] = field(default_factory=set)
+
+
+class Ctx:
+    """What a rule sees: labels and shapes of arguments, and the facts to record into."""
+
+    def __init__(self, analysis: Analysis, params: dict[str, torch.Tensor]):
+        self.analysis = analysis
+        self.facts = analysis.facts
+        self.params = params
+        self._param_spaces: dict[tuple[str, int], int] = {}
+        self.last_operands: list[Operand] = []
+
+    # ----- reading -------------------------------------------------------------------------------
+    def lab(self, arg: Any) -> Labels | None:
+        if isinstance(arg, fx.Node):
+            value = self.analysis.labels.get(arg.name)
+            if isinstance(value, tuple):
+                return value
+        return None
+
+    def shape(self, arg: Any) -> list[int]:
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return []
+        return [concrete(s) for s in val.shape]
+
+    def is_weight(self, arg: Any) -> bool:
+        return isinstance(arg, fx.Node) and arg.name in self.analysis.weight_nodes
+
+    def labels_or_none(self, arg: Any) -> Labels:
+        lab = self.lab(arg)
+        return lab if lab is not None else (None,) * len(self.shape(arg))
+
+    # ----- recording -----------------------------------------------------------------------------
+    def param_labels(self, fqn: str, shape: list[int]) -> Labels:
+        out: list[AxisLabel | None] = []
+        for dim, n in enumerate(shape):
+            if n <= 1:
+                out.append(None)
+                continue
+            key = (fqn, dim)
+            if key not in self._param_spaces:
+                self._param_spaces[key] = self.facts.new_space(n, param=fqn, dim=dim).id
+            out.append(identity_label(self.facts.spaces[self._param_spaces[key]]))
+        return tuple(out)
+
+    def global_ids(self, labels: Labels, axes: list[int] | None = None) -> np.ndarray:
+        """All global channel ids of the spaces that ``labels`` carries (on ``axes``, default all)."""
+        ids = []
+        for space, use in spaces_of(labels).items():
+            if axes is not None and not set(use) & set(axes):
+                continue
+            grid = np.zeros(1, dtype=np.int64)
+            for a in use:
+                grid = np.add.outer(grid, labels[a].arr).ravel()
+            grid = np.add.outer(grid, labels[use[0]].offsets).ravel()
+            ids.append(grid + self.facts.spaces[space].offset)
+        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+    def block_labels(self, labels: Labels | None, scope: str, reason: str, node: fx.Node) -> None:
+        if labels is not None and any(lab is not None for lab in labels):
+            self.facts.block(self.global_ids(labels), scope, reason, node.name)
+
+    def virtual_label(self, node: fx.Node, path: tuple, axis: int, size: int) -> AxisLabel:
+        space = self.facts.new_space(size, site=(node.name, path, axis))
+        return identity_label(space)
+
+    # ----- combining -----------------------------------------------------------------------------
+    def combine(self, node: fx.Node, operands: list[Operand], out_letters: list[str]) -> Labels:
+        """Meet ``operands`` einsum-style and return the labels of the output ``out_letters``.
+
+        Records ties for every meeting, gather sites for unlabelled non-weight operands that meet a
+        labelled letter, flags for contractions, and makes labels partial when their axes vanish.
+        """
+        sizes = letter_sizes(operands)
+        operands = [gqa_expand(op, sizes) for op in operands]
+        operands = self._add_gather_sites(node, operands, sizes)
+        self.last_operands = operands
+        for i, a in enumerate(operands):
+            for b in operands[i + 1 :]:
+                tie_operands(self.facts, self.facts.spaces, a, b, sizes)
+        self._flag_contractions(operands, out_letters)
+        return self._output_labels(operands, out_letters, sizes)
+
+    def _add_gather_sites(self, node, operands: list[Operand], sizes) -> list[Operand]:
+        labelled = {ch for op in operands for ch in op.letter_labels()}
+        out = []
+        for op in operands:
+            missing = [k for k, ch in enumerate(op.letters)
+                       if ch in labelled and op.labels[k] is None and op.shape[k] > 1]
+            if missing and op.path is not None and not op.is_weight:
+                if len(missing) > 1:
+                    others = [o for o in operands if o is not op]
+                    for o in others:
+                        self.block_labels(o.labels, "all", "operand meets labelled axes on more than "
+                                          "one axis (cannot gather it per axis)", node)
+                else:
+                    labels = list(op.labels)
+                    labels[missing[0]] = self.virtual_label(node, op.path, missing[0], op.shape[missing[0]])
+                    op = replace(op, labels=tuple(labels))
+            out.append(op)
+        return out
+
+    def _flag_contractions(self, operands: list[Operand], out_letters: list[str]) -> None:
+        if len(operands) < 2:
+            return
+        counts: dict[str, int] = {}
+        for op in operands:
+            for ch in set(op.letters):
+                counts[ch] = counts.get(ch, 0) + 1
+        contracted = {ch for ch, c in counts.items() if c >= 2 and ch not in out_letters}
+        acts = [op for op in operands if not op.is_weight]
+        for op in operands:
+            if op.is_weight and acts and contracted:
+                free = [k for k, ch in enumerate(op.letters) if op.labels[k] is not None and ch in out_letters]
+                if free:
+                    self.facts.flag("produced", self._ids(op, free))
+        for op in acts:
+            lab = op.letter_labels()
+            sunk = [k for k, ch in enumerate(op.letters) if ch in contracted and ch in lab]
+            if sunk:
+                against_weight = any(o.is_weight for o in operands if o is not op)
+                self.facts.flag("param_sink" if against_weight else "score", self._ids(op, sunk))
+            elif len(acts) >= 2:
+                free = [k for k, ch in enumerate(op.letters)
+                        if ch in lab and lab[ch].full and ch in out_letters and counts[ch] == 1]
+                if free:
+                    self.facts.flag("value", self._ids(op, free))
+
+    def _ids(self, op: Operand, axes: list[int]) -> np.ndarray:
+        return self.global_ids(op.labels, axes)
+
+    def _output_labels(self, operands: list[Operand], out_letters: list[str], sizes) -> Labels:
+        out: list[AxisLabel | None] = []
+        for ch in out_letters:
+            best = None
+            for op in operands:
+                lab = op.letter_labels().get(ch)
+                if lab is None:
+                    continue
+                lab = _survivor(op, lab, out_letters)
+                if best is None or _rank(lab, self.facts) > _rank(best, self.facts):
+                    best = lab
+            out.append(best)
+        return tuple(out)
+
+
+def _survivor(op: Operand, lab: AxisLabel, out_letters: list[str]) -> AxisLabel:
+    """``lab`` as seen in the output: partial if other axes of its space were contracted away."""
+    gone = [k for k, (ch, other) in enumerate(zip(op.letters, op.labels, strict=True))
+            if other is not None and other.space == lab.space and ch not in out_letters]
+    if not gone:
+        return lab
+    offsets = lab.offsets
+    for k in gone:
+        offsets = np.add.outer(op.labels[k].arr, offsets).ravel()
+    return lab.partial(np.unique(offsets))
+
+
+def _rank(lab: AxisLabel, facts: CouplingFacts) -> tuple[int, int]:
+    return (int(lab.full), int(not facts.spaces[lab.space].is_virtual))
+
+
+def concrete(size: Any) -> int:
+    """An int for a (possibly symbolic) size, using the example value's hint for symbols."""
+    if isinstance(size, int):
+        return size
+    try:
+        return int(size)
+    except (TypeError, RuntimeError):
+        hint = getattr(getattr(size, "node", None), "hint", None)
+        if hint is None:
+            raise
+        return int(hint)

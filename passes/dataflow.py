@@ -1,0 +1,65 @@
+"""Run the label analysis over a graph module (the interpreter loop; rules live in ``op_rules``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes.analyse import Analysis, Ctx
+from passes.coupling_state import CouplingFacts
+from passes.op_rules import COPY_OR_SHAPE, RULES, schema_name
+
+
+def analyse(gm: fx.GraphModule) -> Analysis:
+    """Label every node of ``gm`` and collect the coupling facts (ties, flags, blockers)."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    analysis = Analysis(gm, CouplingFacts())
+    ctx = Ctx(analysis, params)
+    for node in gm.graph.nodes:
+        analysis.labels[node.name] = _visit(ctx, node, params)
+    return analysis
+
+
+def _visit(ctx: Ctx, node: fx.Node, params: dict[str, torch.Tensor]):
+    if node.op == "get_attr":
+        if node.target in params:
+            ctx.analysis.weight_nodes.add(node.name)
+            return ctx.param_labels(node.target, list(params[node.target].shape))
+        return None
+    if node.op == "output":
+        _block_outputs(ctx, node)
+        return None
+    if node.op != "call_function":
+        if node.op == "call_module" or node.op == "call_method":
+            _fail_closed(ctx, node, f"{node.op} {node.target}")
+        return None
+    name = schema_name(node.target)
+    touched = [a for a in node.all_input_nodes if ctx.lab(a) is not None and any(ctx.lab(a))]
+    touched += [a for a in node.all_input_nodes if isinstance(ctx.analysis.labels.get(a.name), list)]
+    if not touched and name != "getitem":
+        return None
+    rule = RULES.get(name)
+    if rule is None:
+        _fail_closed(ctx, node, name)
+        return None
+    out = rule(ctx, node)
+    if name in COPY_OR_SHAPE and node.args and ctx.is_weight(node.args[0]):
+        ctx.analysis.weight_nodes.add(node.name)
+    return out
+
+
+def _fail_closed(ctx: Ctx, node: fx.Node, what: str) -> None:
+    for a in node.all_input_nodes:
+        value = ctx.analysis.labels.get(a.name)
+        for labels in value if isinstance(value, list) else [value]:
+            ctx.block_labels(labels, "all", f"unknown op {what}: channel semantics not modelled", node)
+
+
+def _block_outputs(ctx: Ctx, node: fx.Node) -> None:
+    for a in node.all_input_nodes:
+        labels = ctx.lab(a)
+        if labels is None:
+            continue
+        full = [lab for lab in labels if lab is not None and lab.full]
+        scope = "all" if full else "head"
+        ctx.block_labels(labels, scope, "reaches a model output", node)

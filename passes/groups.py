@@ -1,0 +1,146 @@
+"""From coupling facts to coupled groups: units (channels removed together) and their groups.
+
+1. *Units*: connected components of the channel-tie graph (aligned + broadcast ties at channel
+   granularity; aligned + block ties at head granularity). Removing a unit removes every channel it holds
+   in every member, which is what makes the rewrite exact.
+2. *Groups*: units that share a head block (``channel // block_size`` of a space) or a space without head
+   structure must be planned together, because every block of a reshaped space must keep the same count.
+   The block graph is a networkx graph (nodes: ``(space, block)``; an edge where one unit spans two
+   blocks); its connected components are the groups.
+3. Each group is classified by the flags on its channels (``qk``, ``vo``, ``ffn``, ``head``, ``hidden``),
+   and skipped, with the blockers' reasons, when any channel is blocked at this granularity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from passes.coupling_state import CouplingFacts
+
+GRANULARITIES = ("channel", "head")
+
+
+@dataclass
+class CoupledUnits:
+    """One group: its units (arrays of global channel ids), kind, and why it is skipped (if it is)."""
+
+    kind: str
+    units: list[np.ndarray]
+    spaces: list[int]
+    blocks: dict[int, int]  # space id -> block size (channels per head) for spaces with head structure
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def channels(self) -> np.ndarray:
+        return np.concatenate(self.units)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons
+
+
+def unit_components(facts: CouplingFacts, granularity: str) -> np.ndarray:
+    """Component label per global channel id under the ties used at ``granularity``."""
+    kinds = ("aligned", "broadcast") if granularity == "channel" else ("aligned", "block")
+    pairs = [p for k in kinds for p in facts.ties[k]]
+    n = facts.n_channels
+    if not pairs:
+        return np.arange(n)
+    rows = np.concatenate([a for a, _ in pairs])
+    cols = np.concatenate([b for _, b in pairs])
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels
+
+
+def space_of_channel(facts: CouplingFacts) -> np.ndarray:
+    owner = np.empty(facts.n_channels, dtype=np.int64)
+    for space in facts.spaces:
+        owner[space.offset : space.offset + space.size] = space.id
+    return owner
+
+
+def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
+    """Every coupled group of the graph (prunable or skipped) at ``granularity``."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    comp = unit_components(facts, granularity)
+    owner = space_of_channel(facts)
+    flags = {name: facts.flag_mask(name) for name in facts.flags}
+    tied = np.zeros(facts.n_channels, dtype=bool)
+    for pairs in facts.ties.values():
+        for a, b in pairs:
+            tied[a] = tied[b] = True
+    chans = np.flatnonzero(tied | flags["produced"])
+    order = np.argsort(comp[chans], kind="stable")
+    chans = chans[order]
+    unit_ids, starts = np.unique(comp[chans], return_index=True)
+    units = dict(zip(unit_ids.tolist(), np.split(chans, starts[1:]), strict=True))
+    graph = nx.Graph()
+    edges = np.unique(np.stack([comp[chans], _block_codes(facts, owner)[chans]], axis=1), axis=0)
+    graph.add_nodes_from(("unit", int(u)) for u in unit_ids)
+    graph.add_edges_from((("unit", int(u)), ("block", int(b))) for u, b in edges)
+    groups = []
+    for nodes in nx.connected_components(graph):
+        members = [units[u] for kind, u in sorted(nodes) if kind == "unit"]
+        group = _make_group(facts, flags, owner, members, granularity)
+        if group is not None:
+            groups.append(group)
+    groups.sort(key=lambda g: int(g.channels.min()))
+    return groups
+
+
+def _block_codes(facts: CouplingFacts, owner: np.ndarray) -> np.ndarray:
+    """One integer per channel naming its (space, head block)."""
+    codes = np.empty(facts.n_channels, dtype=np.int64)
+    for space in facts.spaces:
+        size = facts.block_size.get(space.id, space.size)
+        local = np.arange(space.size) // size
+        codes[space.offset : space.offset + space.size] = space.offset + local
+    return codes
+
+
+def _make_group(facts, flags, owner, units, granularity) -> CoupledUnits | None:
+    channels = np.concatenate(units)
+    if not flags["produced"][channels].any():
+        return None  # no weight produces these channels: input-side (hidden) positions only
+    spaces = sorted({int(s) for s in np.unique(owner[channels])})
+    kind = _kind(flags, channels, granularity)
+    blocks = {s: facts.block_size[s] for s in spaces if s in facts.block_size}
+    group = CoupledUnits(kind, sorted(units, key=lambda u: int(u.min())), spaces, blocks)
+    if kind == "hidden":
+        group.reasons.append("hidden (residual) dimension: off by default (norms over it make it inexact)")
+    group.reasons.extend(_blocking_reasons(facts, channels, granularity))
+    return group
+
+
+def _kind(flags: dict[str, np.ndarray], channels: np.ndarray, granularity: str) -> str:
+    has = {name: mask[channels].any() for name, mask in flags.items()}
+    if has["residual"]:
+        return "hidden"
+    if granularity == "head" and has["score"] and has["value"]:
+        return "head"
+    if has["score"]:
+        return "qk"
+    if has["value"]:
+        return "vo"
+    if has["param_sink"] or has["sum_sink"]:
+        return "ffn"
+    return "other"
+
+
+def _blocking_reasons(facts: CouplingFacts, channels: np.ndarray, granularity: str) -> list[str]:
+    reasons = []
+    for blocker in facts.blockers:
+        if blocker.scope not in ("all", granularity):
+            continue
+        if np.isin(blocker.channels, channels).any():
+            text = f"{blocker.reason} (node {blocker.node})"
+            if text not in reasons:
+                reasons.append(text)
+    return reasons

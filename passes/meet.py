@@ -1,0 +1,113 @@
+"""Where labelled axes meet: the one rule behind elementwise ops, matmul, einsum and attention.
+
+Every op that combines operands is described einsum-style: each operand axis gets a *letter*; operands
+sharing a letter meet along it. For two operands A, B and a channel space on each:
+
+- both labels full, same letters: channel ``A(i)`` meets channel ``B(i)`` one to one -> ``aligned`` tie
+  (q's (h, d) with k's (h, d) in ``q @ k^T``; a gate row with an up row in ``silu(g) * u``);
+- both full, different letters: B is broadcast over A's extra axes -> ``broadcast`` tie
+  (cos column d meets channel d of every head);
+- either partial (its block axes were contracted earlier): the blocks meet -> ``block`` ties.
+
+A labelled letter that meets an *unlabelled* operand of size > 1 which is not a weight makes that operand
+a *gather site*: a virtual space whose positions must be sliced together with the channels they meet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from passes.labels import AxisLabel, Labels, spaces_of
+
+
+@dataclass
+class Operand:
+    """One input of a combining op: its labels, shape, letters, and where it sits in ``node.args``."""
+
+    labels: Labels
+    shape: list[int]
+    letters: list[str]
+    path: tuple | None  # position in node.args (None for internal intermediates)
+    is_weight: bool = False
+
+    def letter_labels(self) -> dict[str, AxisLabel]:
+        return {ch: lab for ch, lab in zip(self.letters, self.labels, strict=True) if lab is not None}
+
+
+def grid_over(op: Operand, space: int, letters: list[str], sizes: dict[str, int]) -> np.ndarray:
+    """Channels of ``space`` in ``op`` over ``letters`` (broadcast), plus a trailing block-offset axis."""
+    grid = np.zeros([sizes[ch] for ch in letters], dtype=np.int64)
+    offsets = np.zeros(1, dtype=np.int64)
+    for ch, lab in zip(op.letters, op.labels, strict=True):
+        if lab is None or lab.space != space:
+            continue
+        shape = [1] * len(letters)
+        shape[letters.index(ch)] = len(lab.arr)
+        grid = grid + lab.arr.reshape(shape)
+        offsets = lab.offsets
+    return grid[..., None] + offsets.reshape([1] * len(letters) + [-1])
+
+
+def tie_operands(facts, spaces, a: Operand, b: Operand, sizes: dict[str, int]) -> None:
+    """Record the ties between every pair of channel spaces of ``a`` and ``b`` that meet."""
+    for sa, axes_a in spaces_of(a.labels).items():
+        letters_a = [a.letters[x] for x in axes_a]
+        for sb, axes_b in spaces_of(b.labels).items():
+            letters_b = [b.letters[x] for x in axes_b]
+            meet = [ch for ch in letters_a if ch in letters_b and sizes[ch] > 1]
+            if not meet:
+                continue
+            full = all(a.labels[x].full for x in axes_a) and all(b.labels[x].full for x in axes_b)
+            off_a, off_b = spaces[sa].offset, spaces[sb].offset
+            if full:
+                union = sorted(set(letters_a) | set(letters_b))
+                ga = grid_over(a, sa, union, sizes) + off_a
+                gb = grid_over(b, sb, union, sizes) + off_b
+                kind = "aligned" if set(letters_a) == set(letters_b) else "broadcast"
+                facts.tie(kind, np.broadcast_to(ga, np.broadcast_shapes(ga.shape, gb.shape)),
+                          np.broadcast_to(gb, np.broadcast_shapes(ga.shape, gb.shape)))
+            else:
+                _tie_blocks(facts, a, sa, off_a, b, sb, off_b, meet, sizes)
+
+
+def _tie_blocks(facts, a, sa, off_a, b, sb, off_b, meet, sizes) -> None:
+    """Blocks at each meeting position belong together: tie every channel to a representative."""
+    parts = []
+    for op, space, off in ((a, sa, off_a), (b, sb, off_b)):
+        letters = meet + [ch for ch in op.letters if ch not in meet and _carries(op, ch, space)]
+        grid = grid_over(op, space, letters, sizes) + off
+        parts.append(grid.reshape(int(np.prod([sizes[ch] for ch in meet])), -1))
+    rep = parts[0][:, :1]
+    for part in parts:
+        facts.tie("block", np.broadcast_to(rep, part.shape), part)
+
+
+def _carries(op: Operand, letter: str, space: int) -> bool:
+    lab = op.letter_labels().get(letter)
+    return lab is not None and lab.space == space
+
+
+def gqa_expand(op: Operand, sizes: dict[str, int]) -> Operand:
+    """Repeat labels of a grouped (GQA) head axis so that head h reads KV head h // (H / H_kv)."""
+    labels = list(op.labels)
+    shape = list(op.shape)
+    for k, ch in enumerate(op.letters):
+        n, m = sizes[ch], shape[k]
+        if m in (1, n):
+            continue
+        if n % m:
+            raise ValueError(f"axis {ch!r}: size {m} does not divide {n}")
+        shape[k] = n
+        if labels[k] is not None:
+            labels[k] = replace(labels[k], arr=labels[k].arr[np.arange(n) // (n // m)])
+    return replace(op, labels=tuple(labels), shape=shape)
+
+
+def letter_sizes(operands: list[Operand]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for op in operands:
+        for ch, n in zip(op.letters, op.shape, strict=True):
+            sizes[ch] = max(sizes.get(ch, 1), n)
+    return sizes

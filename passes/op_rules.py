@@ -1,0 +1,727 @@
+"""Per-op channel semantics, as data: which ATen ops move, combine, contract or end channel labels.
+
+Each table line is one op (schema name) with a comment where its semantics are not obvious. An op that is
+in no table and touches a labelled tensor fails closed (see ``passes.analyse``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import torch.fx as fx
+
+from passes.analyse import Ctx
+from passes.labels import AxisLabel, Labels, spaces_of
+from passes.meet import Operand
+from passes.view_algebra import NotSeparable, reshape_labels
+
+Rule = Callable[[Ctx, fx.Node], object]
+RULES: dict[str, Rule] = {}
+
+# f(0) == 0: a zeroed channel stays zero, so removing it equals zeroing it upstream.
+ZERO_PRESERVING_UNARY = [
+    "aten::neg", "aten::relu", "aten::gelu", "aten::silu", "aten::tanh", "aten::sin", "aten::abs",
+    "aten::sqrt", "aten::erf", "aten::leaky_relu", "aten::hardtanh", "aten::elu", "aten::mish",
+    "aten::sign", "aten::relu6", "aten::hardswish",
+    "aten::clone", "aten::contiguous", "aten::alias", "aten::detach", "aten::to", "aten::_to_copy",
+    "aten::type_as", "aten::dropout", "aten::lift_fresh_copy", "aten::clamp",  # clamp(0) is 0 unless min>0
+]
+# Channelwise but f(0) != 0 (fine before a weight contraction, not before q . k).
+OTHER_UNARY = [
+    "aten::exp", "aten::sigmoid", "aten::cos", "aten::rsqrt", "aten::reciprocal", "aten::log",
+    "aten::softplus", "aten::hardsigmoid", "aten::logical_not", "aten::isnan", "aten::bitwise_not",
+]
+# Ops with a tensor input but nothing to label (assertions, symbolic sizes).
+IGNORED = [
+    "aten::_assert_tensor_metadata", "aten::_assert_scalar", "aten::sym_size", "aten::sym_numel",
+    "aten::sym_stride", "aten::_assert_async", "aten::sym_constrain_range_for_size",
+    "aten::sym_constrain_range",
+]
+ADDITIVE = ["aten::add", "aten::sub", "aten::rsub"]
+MULTIPLICATIVE = ["aten::mul"]
+COMPARE_OR_SELECT = [
+    "aten::maximum", "aten::minimum", "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt",
+    "aten::ge", "aten::logical_and", "aten::logical_or",
+]
+RESHAPES = ["aten::view", "aten::reshape", "aten::_unsafe_view", "aten::flatten", "aten::unflatten"]
+# Reductions that normalise by the number of channels (or pick one): removing channels changes them.
+NORMALISING_REDUCTIONS = [
+    "aten::mean", "aten::var", "aten::std", "aten::amax", "aten::amin", "aten::logsumexp",
+    "aten::linalg_vector_norm", "aten::norm", "aten::var_mean", "aten::max", "aten::min",
+    "aten::argmax", "aten::argmin",
+]
+SOFTMAXES = ["aten::softmax", "aten::_softmax", "aten::log_softmax", "aten::_log_softmax"]
+NORM_LAYERS = ["aten::layer_norm", "aten::rms_norm", "aten::native_layer_norm", "aten::group_norm"]
+# Ops whose output starts a fresh, unlabelled stream (embedding rows, conv channels): the hidden dim.
+HIDDEN_ORIGINS = ["aten::embedding", "aten::conv1d", "aten::conv2d", "aten::convolution"]
+COPY_OR_SHAPE = set(ZERO_PRESERVING_UNARY[12:] + RESHAPES) | {
+    "aten::t", "aten::transpose", "aten::permute", "aten::unsqueeze", "aten::expand", "aten::squeeze",
+}
+
+
+def schema_name(target: object) -> str:
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.name
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", str(target))
+
+
+def rule(*names: str):
+    def deco(fn: Rule) -> Rule:
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return deco
+
+
+def arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def norm_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def block_input(ctx: Ctx, node: fx.Node, reason: str, scope: str = "all") -> None:
+    for a in node.all_input_nodes:
+        ctx.block_labels(ctx.lab(a), scope, reason, node)
+
+
+# ---------------------------------------------------------------------------------- unary and copies
+@rule(*ZERO_PRESERVING_UNARY)
+def _unary_zero_preserving(ctx: Ctx, node: fx.Node) -> Labels | None:
+    return ctx.lab(node.args[0])
+
+
+@rule(*OTHER_UNARY)
+def _unary_other(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    return None if labels is None else tuple(_not_zero(lab) for lab in labels)
+
+
+@rule("aten::pow")
+def _pow(ctx: Ctx, node: fx.Node) -> Labels | None:
+    if isinstance(node.args[0], fx.Node) and isinstance(node.args[1], fx.Node):
+        return _elementwise(ctx, node, "other")
+    exponent = node.args[1]
+    labels = ctx.lab(node.args[0])
+    if labels is None or (isinstance(exponent, (int, float)) and exponent > 0):
+        return labels
+    return tuple(_not_zero(lab) for lab in labels)
+
+
+@rule(*IGNORED)
+def _ignored(ctx: Ctx, node: fx.Node) -> None:
+    return None
+
+
+def _not_zero(lab: AxisLabel | None) -> AxisLabel | None:
+    return None if lab is None else replace(lab, zero_ok=False)
+
+
+# ---------------------------------------------------------------------------------- elementwise
+def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
+    """Broadcasting op over tensor arguments: operand axes meet the output axis they align with."""
+    out_shape = ctx.shape(node)
+    letters = [f"e{k}" for k in range(len(out_shape))]
+    operands = []
+    for path, a in _tensor_args(node):
+        shape = ctx.shape(a)
+        operands.append(Operand(ctx.labels_or_none(a), shape, letters[len(letters) - len(shape):],
+                                path, ctx.is_weight(a)))
+    was_unlabelled = [all(lab is None for lab in op.labels) and not op.is_weight for op in operands]
+    labels = ctx.combine(node, operands, letters)
+    sites = [op for op, bare in zip(ctx.last_operands, was_unlabelled, strict=True)
+             if bare and any(lab is not None for lab in op.labels)]
+    if mode == "add" and sites:
+        for op in ctx.last_operands:
+            if not any(op is s for s in sites):
+                ctx.facts.flag("residual", ctx.global_ids(op.labels))
+    zero_ok = _zero_ok(mode, ctx.last_operands, was_unlabelled)
+    return tuple(None if lab is None else replace(lab, zero_ok=zero_ok) for lab in labels)
+
+
+def _zero_ok(mode: str, operands: list[Operand], bare: list[bool]) -> bool:
+    oks = [op.is_weight or (not b and all(lab is None or lab.zero_ok for lab in op.labels))
+           for op, b in zip(operands, bare, strict=True)]
+    labelled = [ok for op, ok in zip(operands, oks, strict=True) if any(op.labels)]
+    if mode == "mul":
+        return any(labelled) if len(operands) > 1 else all(labelled)
+    if mode == "add":
+        return all(oks)
+    return False
+
+
+def _tensor_args(node: fx.Node):
+    for i, a in enumerate(node.args):
+        if isinstance(a, fx.Node):
+            yield (i,), a
+    for k, a in node.kwargs.items():
+        if isinstance(a, fx.Node):
+            yield ("kw", k), a
+
+
+@rule(*ADDITIVE)
+def _additive(ctx: Ctx, node: fx.Node) -> Labels:
+    return _elementwise(ctx, node, "add")
+
+
+@rule(*MULTIPLICATIVE)
+def _multiplicative(ctx: Ctx, node: fx.Node) -> Labels:
+    return _elementwise(ctx, node, "mul")
+
+
+@rule(*COMPARE_OR_SELECT, "aten::where", "aten::masked_fill")
+def _select_like(ctx: Ctx, node: fx.Node) -> Labels:
+    return _elementwise(ctx, node, "other")
+
+
+@rule("aten::div")
+def _div(ctx: Ctx, node: fx.Node) -> Labels | None:
+    divisor = node.args[1]
+    if ctx.lab(divisor) is not None and any(ctx.lab(divisor)):
+        block_input(ctx, node, "division by a tensor that carries channels (removed channels would be 0)")
+        return None
+    return _elementwise(ctx, node, "mul")
+
+
+# ---------------------------------------------------------------------------------- layout
+@rule(*RESHAPES)
+def _reshape(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    try:
+        out = reshape_labels(labels, ctx.shape(node.args[0]), ctx.shape(node))
+    except NotSeparable as err:
+        block_input(ctx, node, f"reshape mixes channels: {err}")
+        return None
+    _note_blocks(ctx, out, ctx.shape(node))
+    return out
+
+
+def _note_blocks(ctx: Ctx, labels: Labels, shape: list[int]) -> None:
+    """A space split over several axes has head blocks: the innermost axis' extent is the block size."""
+    for space, axes in spaces_of(labels).items():
+        if len(axes) < 2 or not all(labels[a].full for a in axes):
+            continue
+        inner = min(axes, key=lambda a: int(np.ptp(labels[a].arr)) if shape[a] > 1 else 1 << 62)
+        ctx.facts.note_block_size(space, int(np.ptp(labels[inner].arr)) + 1)
+
+
+@rule("aten::transpose", "aten::swapaxes")
+def _transpose(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    out = list(labels)
+    d0, d1 = norm_dim(node.args[1], len(out)), norm_dim(node.args[2], len(out))
+    out[d0], out[d1] = out[d1], out[d0]
+    return tuple(out)
+
+
+@rule("aten::t")
+def _t(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    return None if labels is None else tuple(reversed(labels))
+
+
+@rule("aten::permute")
+def _permute(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    return tuple(labels[norm_dim(d, len(labels))] for d in node.args[1])
+
+
+@rule("aten::unsqueeze")
+def _unsqueeze(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    out = list(labels)
+    out.insert(norm_dim(node.args[1], len(labels) + 1), None)
+    return tuple(out)
+
+
+@rule("aten::squeeze")
+def _squeeze(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    shape = ctx.shape(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else list(range(len(shape)))
+    dims = [dims] if isinstance(dims, int) else dims
+    drop = {norm_dim(d, len(shape)) for d in dims if shape[norm_dim(d, len(shape))] == 1}
+    return _drop_axes(ctx, node, labels, drop)
+
+
+def _drop_axes(ctx: Ctx, node: fx.Node, labels: Labels, drop: set[int]) -> Labels | None:
+    """Remove size-1 axes; a dropped axis' (constant) contribution moves onto a sibling axis."""
+    out = [lab for a, lab in enumerate(labels) if a not in drop]
+    for a in sorted(drop):
+        lab = labels[a]
+        if lab is None:
+            continue
+        sibling = next((k for k, other in enumerate(out) if other is not None and other.space == lab.space), None)
+        if sibling is None:
+            block_input(ctx, node, "a single channel is selected out of its space")
+            return None
+        out[sibling] = out[sibling].with_arr(out[sibling].arr + lab.arr[0])
+    return tuple(out)
+
+
+@rule("aten::expand")
+def _expand(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    out_shape = ctx.shape(node)
+    lead = len(out_shape) - len(labels)
+    out: list[AxisLabel | None] = [None] * lead
+    for k, lab in enumerate(labels):
+        n = out_shape[lead + k]
+        out.append(lab if lab is None or len(lab.arr) == n else lab.with_arr(np.repeat(lab.arr, n)))
+    return tuple(out)
+
+
+@rule("aten::repeat_interleave")
+def _repeat_interleave(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    repeats = node.args[1] if len(node.args) > 1 else None
+    dim = arg(node, 2, "dim")
+    if labels is None:
+        return None
+    if not isinstance(repeats, int) or dim is None:
+        block_input(ctx, node, "repeat_interleave with tensor repeats or no dim")
+        return None
+    out = list(labels)
+    d = norm_dim(dim, len(out))
+    if out[d] is not None:
+        out[d] = out[d].with_arr(np.repeat(out[d].arr, repeats))
+    return tuple(out)
+
+
+@rule("aten::repeat")
+def _repeat(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    reps = list(node.args[1])
+    lead = len(reps) - len(labels)
+    out: list[AxisLabel | None] = [None] * lead
+    for k, lab in enumerate(labels):
+        r = reps[lead + k]
+        out.append(lab if lab is None or r == 1 else lab.with_arr(np.tile(lab.arr, r)))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------- slicing
+@rule("aten::slice")
+def _slice(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    shape = ctx.shape(node.args[0])
+    d = norm_dim(arg(node, 1, "dim", 0), len(shape))
+    if labels[d] is None:
+        return labels
+    start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
+    if any(isinstance(v, fx.Node) for v in (start, end, step)):
+        block_input(ctx, node, "slice with symbolic bounds on a channel axis")
+        return None
+    out = list(labels)
+    out[d] = labels[d].with_arr(labels[d].arr[slice(start, end, step)])
+    return tuple(out)
+
+
+@rule("aten::narrow")
+def _narrow(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    d, start, length = norm_dim(node.args[1], len(labels)), node.args[2], node.args[3]
+    if labels[d] is None:
+        return labels
+    out = list(labels)
+    out[d] = labels[d].with_arr(labels[d].arr[start : start + length])
+    return tuple(out)
+
+
+@rule("aten::select")
+def _select(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    d = norm_dim(node.args[1], len(labels))
+    index = node.args[2]
+    if labels[d] is None:
+        return labels[:d] + labels[d + 1 :]
+    picked = labels[d].with_arr(labels[d].arr[[index]])
+    return _drop_axes(ctx, node, labels[:d] + (picked,) + labels[d + 1 :], {d})
+
+
+def _pieces(ctx: Ctx, node: fx.Node, dim: int, bounds: list[tuple[int, int]]) -> list[Labels] | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    d = norm_dim(dim, len(labels))
+    out = []
+    for start, end in bounds:
+        piece = list(labels)
+        if piece[d] is not None:
+            piece[d] = piece[d].with_arr(piece[d].arr[start:end])
+        out.append(tuple(piece))
+    return out
+
+
+def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    ends = np.cumsum(sizes).tolist()
+    return [(e - s, e) for s, e in zip(sizes, ends, strict=True)]
+
+
+@rule("aten::split", "aten::split_with_sizes", "aten::unsafe_split")
+def _split(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
+    shape = ctx.shape(node.args[0])
+    dim = norm_dim(arg(node, 2, "dim", 0), len(shape))
+    sizes = node.args[1]
+    if isinstance(sizes, int):
+        n = shape[dim]
+        sizes = [min(sizes, n - s) for s in range(0, n, sizes)]
+    return _pieces(ctx, node, dim, _bounds(list(sizes)))
+
+
+@rule("aten::chunk")
+def _chunk(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
+    shape = ctx.shape(node.args[0])
+    dim = norm_dim(arg(node, 2, "dim", 0), len(shape))
+    n = shape[dim]
+    each = -(-n // node.args[1])
+    return _pieces(ctx, node, dim, _bounds([min(each, n - s) for s in range(0, n, each)]))
+
+
+@rule("aten::unbind")
+def _unbind(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    d = norm_dim(arg(node, 1, "dim", 0), len(labels))
+    out = []
+    for i in range(ctx.shape(node.args[0])[d]):
+        picked = labels[d].with_arr(labels[d].arr[[i]]) if labels[d] is not None else None
+        dropped = _drop_axes(ctx, node, labels[:d] + (picked,) + labels[d + 1 :], {d})
+        if dropped is None:
+            return None
+        out.append(dropped)
+    return out
+
+
+@rule("getitem")
+def _getitem(ctx: Ctx, node: fx.Node) -> Labels | None:
+    value = ctx.analysis.labels.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
+    if isinstance(value, list):
+        return value[node.args[1]]
+    return None
+
+
+@rule("aten::index_select")
+def _index_select(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    d = norm_dim(node.args[1], len(labels))
+    if labels[d] is not None:
+        block_input(ctx, node, "index_select along a channel axis")
+        return None
+    return labels
+
+
+# ---------------------------------------------------------------------------------- joining
+@rule("aten::cat", "aten::concat", "aten::concatenate")
+def _cat(ctx: Ctx, node: fx.Node) -> Labels | None:
+    tensors = list(node.args[0])
+    all_labels = [ctx.lab(t) for t in tensors]
+    if all(lab is None for lab in all_labels):
+        return None
+    rank = len(ctx.shape(node))
+    d = norm_dim(arg(node, 1, "dim", 0), rank)
+    parts = [ctx.labels_or_none(t) for t in tensors]
+    along = [p[d] for p in parts if ctx.shape(tensors[parts.index(p)])[d] > 0]
+    if any(lab is None for lab in along) and any(lab is not None for lab in along):
+        block_input(ctx, node, "cat joins channel and non-channel positions on one axis")
+        return None
+    out = list(parts[0])
+    if along[0] is not None:
+        if len({(lab.space, lab.full) for lab in along}) != 1:
+            block_input(ctx, node, "cat joins different channel spaces on one axis")
+            return None
+        out[d] = along[0].with_arr(np.concatenate([lab.arr for lab in along]))
+    if not _same_off_axis(parts, d):
+        block_input(ctx, node, "cat of tensors whose other axes carry different channels")
+        return None
+    return tuple(out)
+
+
+def _same_off_axis(parts: list[Labels], d: int) -> bool:
+    for p in parts[1:]:
+        for a, (x, y) in enumerate(zip(parts[0], p, strict=True)):
+            if a == d:
+                continue
+            if (x is None) != (y is None):
+                return False
+            if x is not None and (x.space != y.space or not np.array_equal(x.arr, y.arr)):
+                return False
+    return True
+
+
+@rule("aten::stack")
+def _stack(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """stack(ts, d): the new axis carries each operand's constant channel shift relative to ts[0]."""
+    tensors = list(node.args[0])
+    parts = [ctx.labels_or_none(t) for t in tensors]
+    if all(all(lab is None for lab in p) for p in parts):
+        return None
+    d = norm_dim(arg(node, 1, "dim", 0), len(parts[0]) + 1)
+    shifts = [_constant_shift(parts[0], p) for p in parts]
+    if any(s is None for s in shifts):
+        block_input(ctx, node, "stack of tensors whose channels are not shifted copies of each other")
+        return None
+    out = list(parts[0])
+    first = next(lab for lab in parts[0] if lab is not None)
+    new = first.with_arr(np.asarray(shifts)) if any(shifts) else None
+    out.insert(d, new)
+    return tuple(out)
+
+
+def _constant_shift(base: Labels, other: Labels) -> int | None:
+    shift = None
+    for x, y in zip(base, other, strict=True):
+        if (x is None) != (y is None):
+            return None
+        if x is None:
+            continue
+        if x.space != y.space or x.full != y.full:
+            return None
+        diff = y.arr - x.arr
+        if np.any(diff != diff[0]):
+            return None
+        if diff[0] != 0:
+            if shift is not None:
+                return None
+            shift = int(diff[0])
+    return shift or 0
+
+
+# ---------------------------------------------------------------------------------- reductions
+def _reduced_axes(node: fx.Node, rank: int, dim_index: int = 1) -> list[int]:
+    dims = arg(node, dim_index, "dim")
+    if dims is None or dims == []:
+        return list(range(rank))
+    dims = [dims] if isinstance(dims, int) else dims
+    return sorted(norm_dim(d, rank) for d in dims)
+
+
+def _block_if_reduced(ctx: Ctx, node: fx.Node, labels: Labels, axes: list[int], what: str) -> bool:
+    """Block the spaces that ``axes`` reduces over.
+
+    Scope 'channel' when the reduced axes lie inside one head block (every remaining axis of the space
+    moves in multiples of the reduced extent, e.g. q_norm over head_dim with the head axis kept): whole
+    heads can still go. Otherwise scope 'all'.
+    """
+    hit = False
+    for space, space_axes in spaces_of(labels).items():
+        gone = [a for a in space_axes if a in axes]
+        if not gone:
+            continue
+        hit = True
+        kept = [a for a in space_axes if a not in axes]
+        extent = 1 + sum(int(np.ptp(labels[g].arr)) for g in gone)
+        inner = bool(kept) and all(np.all(labels[k].arr % extent == 0) for k in kept)
+        only = tuple(lab if lab is not None and lab.space == space else None for lab in labels)
+        ctx.block_labels(only, "channel" if inner else "all",
+                         f"{what} over a channel axis (removing channels would change it)", node)
+    return hit
+
+
+@rule("aten::sum")
+def _sum(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    rank = len(labels)
+    axes = _reduced_axes(node, rank)
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    letters = [f"r{k}" for k in range(rank)]
+    out_letters = [ch if k not in axes else f"k{k}" for k, ch in enumerate(letters)]
+    if not keepdim:
+        out_letters = [ch for k, ch in enumerate(out_letters) if k not in axes]
+    sunk = [a for a in axes if labels[a] is not None]
+    if sunk:
+        ctx.facts.flag("sum_sink", ctx.global_ids(labels, sunk))
+    op = Operand(labels, ctx.shape(node.args[0]), letters, (0,), ctx.is_weight(node.args[0]))
+    out = ctx.combine(node, [op], out_letters)
+    return out
+
+
+@rule(*NORMALISING_REDUCTIONS)
+def _normalising(ctx: Ctx, node: fx.Node) -> object:
+    if len(node.args) > 1 and isinstance(node.args[1], fx.Node):  # max.other / min.other
+        return _elementwise(ctx, node, "other")
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    rank = len(labels)
+    dim_index = 2 if node.target.__name__.startswith("linalg_vector_norm") else 1
+    axes = _reduced_axes(node, rank, dim_index)
+    _block_if_reduced(ctx, node, labels, axes, schema_name(node.target))
+    keepdim = bool(arg(node, dim_index + 1, "keepdim", False))
+    kept = tuple(None if a in axes else lab for a, lab in enumerate(labels))
+    out = kept if keepdim else tuple(lab for a, lab in enumerate(kept) if a not in axes)
+    return [out, out] if isinstance(node.meta.get("val"), (tuple, list)) else out
+
+
+@rule(*SOFTMAXES)
+def _softmax(ctx: Ctx, node: fx.Node) -> Labels | None:
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    d = norm_dim(node.args[1], len(labels))
+    _block_if_reduced(ctx, node, labels, [d], "softmax")
+    return labels
+
+
+@rule(*NORM_LAYERS)
+def _norm_layer(ctx: Ctx, node: fx.Node) -> object:
+    labels = ctx.lab(node.args[0])
+    shape = ctx.shape(node.args[0])
+    rank = len(shape)
+    if schema_name(node.target) == "aten::group_norm":
+        axes = list(range(1, rank))
+    else:
+        axes = list(range(rank - len(node.args[1]), rank))
+    if labels is not None:
+        _block_if_reduced(ctx, node, labels, axes, schema_name(node.target))
+    out = _elementwise(ctx, node, "other")
+    if isinstance(node.meta.get("val"), (tuple, list)):
+        return [out, None, None]
+    return out
+
+
+# ---------------------------------------------------------------------------------- contractions
+@rule("aten::linear")
+def _linear(ctx: Ctx, node: fx.Node) -> Labels:
+    x, w = node.args[0], node.args[1]
+    rank = len(ctx.shape(x))
+    batch = [f"b{k}" for k in range(rank - 1)]
+    out = _contract(ctx, node, [(x, (0,), [*batch, "i"]), (w, (1,), ["o", "i"])], [*batch, "o"])
+    bias = arg(node, 2, "bias")
+    return _add_bias(ctx, node, out, bias, (2,))
+
+
+def _add_bias(ctx: Ctx, node: fx.Node, out: Labels, bias, path) -> Labels:
+    if not isinstance(bias, fx.Node):
+        return out
+    letters = [f"o{k}" for k in range(len(out))]
+    shape = ctx.shape(node)
+    bshape = ctx.shape(bias)
+    ops = [Operand(out, shape, letters, None, False),
+           Operand(ctx.labels_or_none(bias), bshape, letters[len(letters) - len(bshape):], path,
+                   ctx.is_weight(bias))]
+    return ctx.combine(node, ops, letters)
+
+
+def _contract(ctx: Ctx, node: fx.Node, specs, out_letters: list[str]) -> Labels:
+    operands = [Operand(ctx.labels_or_none(a), ctx.shape(a), letters, path, ctx.is_weight(a))
+                for a, path, letters in specs]
+    return ctx.combine(node, operands, out_letters)
+
+
+def _matmul_letters(ra: int, rb: int) -> tuple[list[str], list[str], list[str]]:
+    """Einsum letters of torch.matmul for operand ranks ``ra``, ``rb`` (batch dims broadcast)."""
+    if ra == 1 and rb == 1:
+        return ["k"], ["k"], []
+    if ra == 1:
+        batch = [f"b{k}" for k in range(rb - 2)]
+        return ["k"], [*batch, "k", "n"], [*batch, "n"]
+    if rb == 1:
+        batch = [f"b{k}" for k in range(ra - 2)]
+        return [*batch, "m", "k"], ["k"], [*batch, "m"]
+    nb = max(ra, rb) - 2
+    batch = [f"b{k}" for k in range(nb)]
+    return [*batch[nb - (ra - 2):], "m", "k"], [*batch[nb - (rb - 2):], "k", "n"], [*batch, "m", "n"]
+
+
+@rule("aten::matmul", "aten::mm", "aten::bmm")
+def _matmul(ctx: Ctx, node: fx.Node) -> Labels:
+    a, b = node.args[0], node.args[1]
+    la, lb, lo = _matmul_letters(len(ctx.shape(a)), len(ctx.shape(b)))
+    return _contract(ctx, node, [(a, (0,), la), (b, (1,), lb)], lo)
+
+
+@rule("aten::addmm", "aten::baddbmm")
+def _addmm(ctx: Ctx, node: fx.Node) -> Labels:
+    bias, a, b = node.args[0], node.args[1], node.args[2]
+    la, lb, lo = _matmul_letters(len(ctx.shape(a)), len(ctx.shape(b)))
+    out = _contract(ctx, node, [(a, (1,), la), (b, (2,), lb)], lo)
+    return _add_bias(ctx, node, out, bias, (0,))
+
+
+@rule("aten::einsum")
+def _einsum(ctx: Ctx, node: fx.Node) -> Labels:
+    equation, tensors = node.args[0], list(node.args[1])
+    lhs, rhs = equation.replace(" ", "").split("->")
+    specs = []
+    ellipsis_rank = 0
+    for term, t in zip(lhs.split(","), tensors, strict=True):
+        rank = len(ctx.shape(t))
+        ellipsis_rank = max(ellipsis_rank, rank - len(term.replace("...", "")))
+    for i, (term, t) in enumerate(zip(lhs.split(","), tensors, strict=True)):
+        specs.append((t, (1, i), _expand_ellipsis(term, len(ctx.shape(t)), ellipsis_rank)))
+    return _contract(ctx, node, specs, _expand_ellipsis(rhs, None, ellipsis_rank))
+
+
+def _expand_ellipsis(term: str, rank: int | None, ellipsis_rank: int) -> list[str]:
+    if "..." not in term:
+        return list(term)
+    head, tail = term.split("...")
+    n = ellipsis_rank if rank is None else rank - len(head) - len(tail)
+    dots = [f"_{k}" for k in range(ellipsis_rank - n, ellipsis_rank)]
+    return [*head, *dots, *tail]
+
+
+@rule("aten::scaled_dot_product_attention")
+def _sdpa(ctx: Ctx, node: fx.Node) -> Labels:
+    """softmax(q k^T * scale + mask) v: q, k meet over head_dim; the scores' key axis meets v's."""
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    rank = len(ctx.shape(q))
+    batch = [f"b{i}" for i in range(rank - 2)]
+    scores = _contract(ctx, node, [(q, (0,), [*batch, "l", "e"]), (k, (1,), [*batch, "s", "e"])],
+                       [*batch, "l", "s"])
+    score_shape = [*ctx.shape(q)[:-1], ctx.shape(k)[-2]]
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        mshape = ctx.shape(mask)
+        letters = [*batch, "l", "s"]
+        ops = [Operand(scores, score_shape, letters, None, False),
+               Operand(ctx.labels_or_none(mask), mshape, letters[len(letters) - len(mshape):],
+                       (3,) if len(node.args) > 3 else ("kw", "attn_mask"), False)]
+        scores = ctx.combine(node, ops, letters)
+    probs = Operand(scores, score_shape, [*batch, "l", "s"], None, False)
+    value = Operand(ctx.labels_or_none(v), ctx.shape(v), [*batch, "s", "v"], (2,), ctx.is_weight(v))
+    return ctx.combine(node, [probs, value], [*batch, "l", "v"])
+
+
+@rule(*HIDDEN_ORIGINS)
+def _hidden_origin(ctx: Ctx, node: fx.Node) -> None:
+    data = node.args[1] if schema_name(node.target) == "aten::embedding" else node.args[0]
+    if ctx.lab(data) is not None and any(ctx.lab(data)):
+        block_input(ctx, node, f"{schema_name(node.target)} consumes channel-carrying input")
+    return None

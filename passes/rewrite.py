@@ -1,0 +1,252 @@
+"""Rewrite the graph module for a keep mask: the only stage that touches parameters.
+
+1. slice every parameter dimension that lost channels (``index_select`` in increasing order);
+2. gather every virtual site (rotary cos/sin, masks) with the kept positions it meets;
+3. patch literal sizes in view/reshape/expand/split/chunk/slice/narrow/select from the new axis sizes
+   (``passes.compaction``), keeping ``-1`` and symbolic sizes as they are;
+4. pin ``scaled_dot_product_attention``'s scale to its original value wherever head_dim shrank (its
+   default, 1/sqrt(E), would otherwise follow the new E);
+5. lint, dead-code-eliminate, recompile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from passes.analyse import Analysis, concrete
+from passes.compaction import CompactionError, new_sizes, remap_index, remap_slice
+from passes.labels import Labels
+from passes.op_rules import arg, norm_dim, schema_name
+
+aten = torch.ops.aten
+
+
+class RewriteError(Exception):
+    """The plan cannot be applied exactly to this graph."""
+
+
+def apply_plan(gm: fx.GraphModule, analysis: Analysis, keep: np.ndarray) -> fx.GraphModule:
+    """Rewrite ``gm`` in place so that it computes the model with only ``keep`` channels."""
+    facts = analysis.facts
+    _slice_parameters(gm, facts, keep)
+    for node in list(gm.graph.nodes):
+        try:
+            _patch_node(gm, analysis, node, keep)
+        except CompactionError as err:
+            raise RewriteError(f"node {node.name} ({node.target}): {err}") from err
+    _gather_sites(gm, facts, keep)
+    gm.graph.lint()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _kept(space, keep: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(keep[space.offset : space.offset + space.size])
+
+
+def _slice_parameters(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
+    for space in facts.spaces:
+        if space.is_virtual or keep[space.offset : space.offset + space.size].all():
+            continue
+        owner_name, _, leaf = space.param.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        old = getattr(owner, leaf)
+        index = torch.as_tensor(_kept(space, keep), device=old.device)
+        new = torch.nn.Parameter(old.detach().index_select(space.dim, index).clone(),
+                                 requires_grad=old.requires_grad)
+        setattr(owner, leaf, new)
+
+
+def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for space in facts.spaces:
+        if not space.is_virtual or keep[space.offset : space.offset + space.size].all():
+            continue
+        node_name, path, axis = space.site
+        node = nodes[node_name]
+        operand = _get_arg(node, path)
+        kept = _kept(space, keep)
+        with gm.graph.inserting_before(node):
+            if len(kept) and np.array_equal(kept, np.arange(kept[0], kept[0] + len(kept))):
+                gathered = gm.graph.call_function(aten.slice.Tensor, (operand, axis, int(kept[0]),
+                                                                      int(kept[0] + len(kept))))
+            else:
+                buf = f"_ecospa_keep_{space.id}"
+                gm.register_buffer(buf, torch.as_tensor(kept, dtype=torch.long), persistent=False)
+                index = gm.graph.get_attr(buf)
+                gathered = gm.graph.call_function(aten.index_select.default, (operand, axis, index))
+        _set_arg(node, path, gathered)
+
+
+def _get_arg(node: fx.Node, path: tuple):
+    if path[0] == "kw":
+        return node.kwargs[path[1]]
+    value = node.args[path[0]]
+    return value[path[1]] if len(path) > 1 else value
+
+
+def _set_arg(node: fx.Node, path: tuple, value) -> None:
+    if path[0] == "kw":
+        node.update_kwarg(path[1], value)
+    elif len(path) > 1:
+        items = list(node.args[path[0]])
+        items[path[1]] = value
+        node.update_arg(path[0], items)
+    else:
+        node.update_arg(path[0], value)
+
+
+# ---------------------------------------------------------------------------------- literal patches
+def _patch_node(gm, analysis: Analysis, node: fx.Node, keep: np.ndarray) -> None:
+    if node.op != "call_function":
+        return
+    name = schema_name(node.target)
+    patch = PATCHES.get(name)
+    if patch is not None:
+        patch(analysis, node, keep)
+
+
+def _labels(analysis: Analysis, node) -> Labels | None:
+    value = analysis.labels.get(node.name) if isinstance(node, fx.Node) else None
+    return value if isinstance(value, tuple) else None
+
+
+def _shape(node: fx.Node) -> list[int]:
+    return [concrete(s) for s in node.meta["val"].shape]
+
+
+def _sizes_after(analysis, node, keep) -> list[int] | None:
+    labels = _labels(analysis, node)
+    if labels is None or not any(labels):
+        return None
+    return new_sizes(labels, _shape(node), keep, analysis.facts.spaces)
+
+
+def _patch_shape_arg(analysis, node: fx.Node, keep, index: int) -> None:
+    """view/reshape/expand: replace the literal size of every axis whose size changed."""
+    sizes = _sizes_after(analysis, node, keep)
+    if sizes is None:
+        return
+    old = list(node.args[index])
+    shape = _shape(node)
+    lead = len(shape) - len(old)
+    new = []
+    for k, lit in enumerate(old):
+        a = lead + k
+        changed = sizes[a] != shape[a]
+        if changed and isinstance(lit, int) and lit != -1:
+            new.append(sizes[a])
+        elif changed and not isinstance(lit, int):
+            raise RewriteError(f"node {node.name}: a symbolic size on a channel axis")
+        else:
+            new.append(lit)
+    node.update_arg(index, new)
+
+
+def _patch_view(analysis, node, keep) -> None:
+    _patch_shape_arg(analysis, node, keep, 1)
+
+
+def _patch_unflatten(analysis, node, keep) -> None:
+    labels = _labels(analysis, node)
+    if labels is None:
+        return
+    sizes = _sizes_after(analysis, node, keep)
+    d = norm_dim(node.args[1], len(_shape(node.args[0])))
+    n = len(node.args[2])
+    node.update_arg(2, [s if lit != -1 else -1 for s, lit in zip(sizes[d : d + n], node.args[2], strict=True)])
+
+
+def _patch_slice(analysis, node, keep) -> None:
+    labels = _labels(analysis, node.args[0])
+    if labels is None:
+        return
+    shape = _shape(node.args[0])
+    d = norm_dim(arg(node, 1, "dim", 0), len(shape))
+    if labels[d] is None:
+        return
+    start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
+    bounds = slice(start, end, step).indices(shape[d])
+    new = remap_slice(labels, d, bounds, keep, analysis.facts.spaces)
+    if new != tuple(bounds):
+        node.args = (node.args[0], d, *new)
+        node.kwargs = {}
+
+
+def _patch_narrow(analysis, node, keep) -> None:
+    labels = _labels(analysis, node.args[0])
+    if labels is None:
+        return
+    d = norm_dim(node.args[1], len(labels))
+    if labels[d] is None:
+        return
+    start, length = node.args[2], node.args[3]
+    s, e, _ = remap_slice(labels, d, (start, start + length, 1), keep, analysis.facts.spaces)
+    node.args = (node.args[0], d, s, e - s)
+
+
+def _patch_select(analysis, node, keep) -> None:
+    labels = _labels(analysis, node.args[0])
+    if labels is None:
+        return
+    d = norm_dim(node.args[1], len(labels))
+    if labels[d] is None:
+        return
+    index = node.args[2] % _shape(node.args[0])[d]
+    node.update_arg(2, remap_index(labels, d, index, keep, analysis.facts.spaces))
+
+
+def _patch_split(analysis, node, keep) -> None:
+    """split/split_with_sizes/chunk: new piece sizes along the split axis from each piece's labels."""
+    pieces = analysis.labels.get(node.name)
+    if not isinstance(pieces, list):
+        return
+    shape = _shape(node.args[0])
+    d = norm_dim(arg(node, 2, "dim", 0), len(shape))
+    old, new = [], []
+    for getter_val, labels in zip(node.meta["val"], pieces, strict=True):
+        piece_shape = [concrete(s) for s in getter_val.shape]
+        old.append(piece_shape[d])
+        sizes = new_sizes(labels, piece_shape, keep, analysis.facts.spaces) if labels else piece_shape
+        new.append(sizes[d])
+    if old == new:
+        return
+    node.target = aten.split_with_sizes.default
+    node.args = (node.args[0], new, d)
+    node.kwargs = {}
+
+
+def _patch_sdpa(analysis, node, keep) -> None:
+    """Pin the softmax scale: SDPA's default 1/sqrt(E) would follow the pruned head_dim."""
+    q = node.args[0]
+    sizes = _sizes_after(analysis, q, keep)
+    shape = _shape(q)
+    if sizes is None or sizes[-1] == shape[-1]:
+        return
+    if arg(node, 6, "scale") is None:
+        if len(node.args) > 6:
+            node.update_arg(6, 1.0 / math.sqrt(shape[-1]))
+        else:
+            node.update_kwarg("scale", 1.0 / math.sqrt(shape[-1]))
+
+
+PATCHES = {
+    "aten::view": _patch_view,
+    "aten::reshape": _patch_view,
+    "aten::_unsafe_view": _patch_view,
+    "aten::expand": _patch_view,
+    "aten::unflatten": _patch_unflatten,
+    "aten::slice": _patch_slice,
+    "aten::narrow": _patch_narrow,
+    "aten::select": _patch_select,
+    "aten::split": _patch_split,
+    "aten::split_with_sizes": _patch_split,
+    "aten::unsafe_split": _patch_split,
+    "aten::chunk": _patch_split,
+    "aten::scaled_dot_product_attention": _patch_sdpa,
+}

@@ -1,0 +1,50 @@
+"""Verification: the mask oracle.
+
+For a plan that removes indices ``R`` along ``dim`` of parameter ``P`` (for every member of every group),
+the dense model with ``P.index_fill(dim, R, 0)`` must compute what the compressed model computes: the
+removed channels' terms vanish from every contraction they fed, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+import torch.utils._pytree as pytree
+
+
+def masked_copy(model: torch.nn.Module, removed: Iterable[tuple[str, int, tuple[int, ...]]]) -> torch.nn.Module:
+    """A deep copy of ``model`` with the removed indices of each (param, dim) zeroed."""
+    masked = copy.deepcopy(model)
+    params = dict(masked.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, dim, indices in removed:
+            if indices:
+                index = torch.as_tensor(indices, device=params[name].device)
+                params[name].index_fill_(dim, index, 0.0)
+    return masked
+
+
+def max_abs_diff(a, b) -> float:
+    """Largest absolute difference over the tensor leaves of two outputs of the same structure."""
+    leaves_a = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    leaves_b = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    if len(leaves_a) != len(leaves_b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.is_floating_point():
+            worst = max(worst, (x.float() - y.float()).abs().max().item() if x.numel() else 0.0)
+        elif not torch.equal(x, y):
+            return float("inf")
+    return worst
+
+
+@torch.no_grad()
+def oracle_diff(model, compressed, example_inputs: tuple, removed) -> float:
+    """max |compressed(x) - masked_dense(x)| on the example inputs."""
+    reference = masked_copy(model, removed).eval()
+    return max_abs_diff(compressed(*example_inputs), reference(*example_inputs))
