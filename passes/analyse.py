@@ -124,13 +124,17 @@ class Ctx:
                        if ch in labelled and op.labels[k] is None and op.shape[k] > 1]
             if missing and op.path is not None and not op.is_weight:
                 if len(missing) > 1:
-                    others = [o for o in operands if o is not op]
-                    for o in others:
-                        self.block_labels(o.labels, "all", "operand meets labelled axes on more than "
-                                          "one axis (cannot gather it per axis)", node)
+                    for other in operands:
+                        if other is not op:
+                            self.block_labels(other.labels, "all", "an operand meets channel axes on more "
+                                              "than one axis (cannot gather it per axis)", node)
                 else:
+                    k = missing[0]
                     labels = list(op.labels)
-                    labels[missing[0]] = self.virtual_label(node, op.path, missing[0], op.shape[missing[0]])
+                    lab = self.virtual_label(node, op.path, k, op.shape[k])
+                    if _is_block_axis(operands, op.letters[k]):
+                        lab = lab.partial(np.zeros(1, dtype=np.int64))
+                    labels[k] = lab
                     op = replace(op, labels=tuple(labels))
             out.append(op)
         return out
@@ -165,18 +169,56 @@ class Ctx:
         return self.global_ids(op.labels, axes)
 
     def _output_labels(self, operands: list[Operand], out_letters: list[str], sizes) -> Labels:
+        """Per output letter, the most informative label: full before partial, weights before sites.
+
+        A partial (head-block) label is dropped where an operand that carries full channels into the
+        output is broadcast along that letter (MQA: V has one head, so the output's head axis carries
+        no V channel; labelling it with Q's heads would mix two spaces on one tensor).
+        """
+        carriers = [op for op in operands
+                    if any(lab.full and ch in out_letters for ch, lab in op.letter_labels().items())]
+        ordered = sorted(operands, key=lambda op: -_weight_in_output(op, out_letters))
         out: list[AxisLabel | None] = []
         for ch in out_letters:
             best = None
-            for op in operands:
+            for op in ordered:
                 lab = op.letter_labels().get(ch)
                 if lab is None:
                     continue
                 lab = _survivor(op, lab, out_letters)
                 if best is None or _rank(lab, self.facts) > _rank(best, self.facts):
                     best = lab
+            if best is not None and not best.full and any(
+                ch in op.letters and op.labels[op.letters.index(ch)] is None for op in carriers
+            ):
+                best = None
             out.append(best)
         return tuple(out)
+
+
+def _weight_in_output(op: Operand, out_letters: list[str]) -> float:
+    """How much of the output's labelling ``op`` should provide: its full surviving axes, activations
+    before weights (a norm weight multiplying q must not replace q's own head_dim label)."""
+    labs = op.letter_labels()
+    full = sum(1 for ch, lab in labs.items() if ch in out_letters and lab.full)
+    return full + (0.5 if not op.is_weight else 0.0)
+
+
+def _is_block_axis(operands: list[Operand], letter: str) -> bool:
+    """True when the labelled partner on ``letter`` indexes whole blocks of its space (a head axis):
+    its contributions are multiples of the extent of the space's other axes, or it is partial."""
+    for op in operands:
+        lab = op.letter_labels().get(letter)
+        if lab is None:
+            continue
+        if not lab.full:
+            return True
+        others = [o for ch, o in op.letter_labels().items() if ch != letter and o.space == lab.space]
+        if not others:
+            return False
+        extent = 1 + sum(int(np.ptp(o.arr)) for o in others)
+        return bool(np.all(lab.arr % extent == 0))
+    return False
 
 
 def _survivor(op: Operand, lab: AxisLabel, out_letters: list[str]) -> AxisLabel:

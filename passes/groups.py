@@ -3,10 +3,9 @@
 1. *Units*: connected components of the channel-tie graph (aligned + broadcast ties at channel
    granularity; aligned + block ties at head granularity). Removing a unit removes every channel it holds
    in every member, which is what makes the rewrite exact.
-2. *Groups*: units that share a head block (``channel // block_size`` of a space) or a space without head
-   structure must be planned together, because every block of a reshaped space must keep the same count.
-   The block graph is a networkx graph (nodes: ``(space, block)``; an edge where one unit spans two
-   blocks); its connected components are the groups.
+2. *Groups*: units of one kind that share a channel space are planned together (every head block of a
+   reshaped space must keep the same count, so per-KV-group channel sets are *families* inside one
+   group). The unit/space graph is a networkx graph; its connected components are the groups.
 3. Each group is classified by the flags on its channels (``qk``, ``vo``, ``ffn``, ``head``, ``hidden``),
    and skipped, with the blockers' reasons, when any channel is blocked at this granularity.
 """
@@ -66,7 +65,11 @@ def space_of_channel(facts: CouplingFacts) -> np.ndarray:
 
 
 def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
-    """Every coupled group of the graph (prunable or skipped) at ``granularity``."""
+    """Every coupled group of the graph (prunable or skipped) at ``granularity``.
+
+    A group is a connected component of units of one kind that share a channel space (so one qk, one vo
+    and one ffn group per layer; a fused qkv weight holds a qk and a vo group side by side).
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     comp = unit_components(facts, granularity)
@@ -77,40 +80,36 @@ def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
         for a, b in pairs:
             tied[a] = tied[b] = True
     chans = np.flatnonzero(tied | flags["produced"])
-    order = np.argsort(comp[chans], kind="stable")
-    chans = chans[order]
+    chans = chans[np.argsort(comp[chans], kind="stable")]
     unit_ids, starts = np.unique(comp[chans], return_index=True)
-    units = dict(zip(unit_ids.tolist(), np.split(chans, starts[1:]), strict=True))
+    units = np.split(chans, starts[1:])
+    kinds = _unit_kinds(flags, chans, starts, granularity)
     graph = nx.Graph()
-    edges = np.unique(np.stack([comp[chans], _block_codes(facts, owner)[chans]], axis=1), axis=0)
-    graph.add_nodes_from(("unit", int(u)) for u in unit_ids)
-    graph.add_edges_from((("unit", int(u)), ("block", int(b))) for u, b in edges)
+    graph.add_nodes_from(("unit", i) for i in range(len(units)))
+    pairs = np.unique(np.stack([np.repeat(np.arange(len(units)), np.diff(np.append(starts, len(chans)))),
+                                owner[chans]], axis=1), axis=0)
+    graph.add_edges_from((("unit", int(u)), ("space", kinds[u], int(sp))) for u, sp in pairs)
     groups = []
     for nodes in nx.connected_components(graph):
-        members = [units[u] for kind, u in sorted(nodes) if kind == "unit"]
-        group = _make_group(facts, flags, owner, members, granularity)
+        members = [units[n[1]] for n in nodes if n[0] == "unit"]
+        kind = kinds[next(n[1] for n in nodes if n[0] == "unit")]
+        group = _make_group(facts, flags, owner, members, kind, granularity)
         if group is not None:
             groups.append(group)
     groups.sort(key=lambda g: int(g.channels.min()))
     return groups
 
 
-def _block_codes(facts: CouplingFacts, owner: np.ndarray) -> np.ndarray:
-    """One integer per channel naming its (space, head block)."""
-    codes = np.empty(facts.n_channels, dtype=np.int64)
-    for space in facts.spaces:
-        size = facts.block_size.get(space.id, space.size)
-        local = np.arange(space.size) // size
-        codes[space.offset : space.offset + space.size] = space.offset + local
-    return codes
+def _unit_kinds(flags, chans: np.ndarray, starts: np.ndarray, granularity: str) -> list[str]:
+    has = {name: np.logical_or.reduceat(mask[chans], starts) for name, mask in flags.items()}
+    return [_kind({name: bool(v[i]) for name, v in has.items()}, granularity) for i in range(len(starts))]
 
 
-def _make_group(facts, flags, owner, units, granularity) -> CoupledUnits | None:
+def _make_group(facts, flags, owner, units, kind, granularity) -> CoupledUnits | None:
     channels = np.concatenate(units)
     if not flags["produced"][channels].any():
         return None  # no weight produces these channels: input-side (hidden) positions only
     spaces = sorted({int(s) for s in np.unique(owner[channels])})
-    kind = _kind(flags, channels, granularity)
     blocks = {s: facts.block_size[s] for s in spaces if s in facts.block_size}
     group = CoupledUnits(kind, sorted(units, key=lambda u: int(u.min())), spaces, blocks)
     if kind == "hidden":
@@ -119,8 +118,7 @@ def _make_group(facts, flags, owner, units, granularity) -> CoupledUnits | None:
     return group
 
 
-def _kind(flags: dict[str, np.ndarray], channels: np.ndarray, granularity: str) -> str:
-    has = {name: mask[channels].any() for name, mask in flags.items()}
+def _kind(has: dict[str, bool], granularity: str) -> str:
     if has["residual"]:
         return "hidden"
     if granularity == "head" and has["score"] and has["value"]:

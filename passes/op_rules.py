@@ -16,7 +16,7 @@ import torch.fx as fx
 from passes.analyse import Ctx
 from passes.labels import AxisLabel, Labels, spaces_of
 from passes.meet import Operand
-from passes.view_algebra import NotSeparable, reshape_labels
+from passes.view_algebra import NotSeparable, reshape_labels, reshape_segments
 
 Rule = Callable[[Ctx, fx.Node], object]
 RULES: dict[str, Rule] = {}
@@ -140,7 +140,7 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
     was_unlabelled = [all(lab is None for lab in op.labels) and not op.is_weight for op in operands]
     labels = ctx.combine(node, operands, letters)
     sites = [op for op, bare in zip(ctx.last_operands, was_unlabelled, strict=True)
-             if bare and any(lab is not None for lab in op.labels)]
+             if bare and any(lab is not None and lab.full for lab in op.labels)]
     if mode == "add" and sites:
         for op in ctx.last_operands:
             if not any(op is s for s in sites):
@@ -199,6 +199,7 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Labels | None:
     labels = ctx.lab(node.args[0])
     if labels is None:
         return None
+    _block_dropped_blocks(ctx, node, labels)
     try:
         out = reshape_labels(labels, ctx.shape(node.args[0]), ctx.shape(node))
     except NotSeparable as err:
@@ -206,6 +207,23 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Labels | None:
         return None
     _note_blocks(ctx, out, ctx.shape(node))
     return out
+
+
+def _block_dropped_blocks(ctx: Ctx, node: fx.Node, labels: Labels) -> None:
+    """Partial (head) labels merged with channel axes are dropped by the reshape: whole-head removal
+    of their space cannot be followed through this node, so block it at head granularity."""
+    shape = ctx.shape(node.args[0])
+    try:
+        segments = reshape_segments(shape, ctx.shape(node))
+    except NotSeparable:
+        return
+    for ins, _ in segments:
+        labs = [labels[a] for a in ins if labels[a] is not None]
+        if any(lab.full for lab in labs):
+            for lab in labs:
+                if not lab.full:
+                    only = tuple(x if x is lab else None for x in labels)
+                    ctx.block_labels(only, "head", "head axis merged with channels of another space", node)
 
 
 def _note_blocks(ctx: Ctx, labels: Labels, shape: list[int]) -> None:
@@ -553,22 +571,15 @@ def _block_if_reduced(ctx: Ctx, node: fx.Node, labels: Labels, axes: list[int], 
 
 @rule("aten::sum")
 def _sum(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """Summing over channels is exact (removed channels contribute 0): a sink."""
     labels = ctx.lab(node.args[0])
     if labels is None:
         return None
-    rank = len(labels)
-    axes = _reduced_axes(node, rank)
-    keepdim = bool(arg(node, 2, "keepdim", False))
-    letters = [f"r{k}" for k in range(rank)]
-    out_letters = [ch if k not in axes else f"k{k}" for k, ch in enumerate(letters)]
-    if not keepdim:
-        out_letters = [ch for k, ch in enumerate(out_letters) if k not in axes]
+    axes = _reduced_axes(node, len(labels))
     sunk = [a for a in axes if labels[a] is not None]
     if sunk:
         ctx.facts.flag("sum_sink", ctx.global_ids(labels, sunk))
-    op = Operand(labels, ctx.shape(node.args[0]), letters, (0,), ctx.is_weight(node.args[0]))
-    out = ctx.combine(node, [op], out_letters)
-    return out
+    return _reduce_labels(ctx, node, labels, axes, bool(arg(node, 2, "keepdim", False)))
 
 
 @rule(*NORMALISING_REDUCTIONS)
@@ -583,9 +594,18 @@ def _normalising(ctx: Ctx, node: fx.Node) -> object:
     axes = _reduced_axes(node, rank, dim_index)
     _block_if_reduced(ctx, node, labels, axes, schema_name(node.target))
     keepdim = bool(arg(node, dim_index + 1, "keepdim", False))
-    kept = tuple(None if a in axes else lab for a, lab in enumerate(labels))
-    out = kept if keepdim else tuple(lab for a, lab in enumerate(kept) if a not in axes)
+    out = _reduce_labels(ctx, node, labels, axes, keepdim)
     return [out, out] if isinstance(node.meta.get("val"), (tuple, list)) else out
+
+
+def _reduce_labels(ctx: Ctx, node: fx.Node, labels: Labels, axes: list[int], keepdim: bool) -> Labels:
+    """Labels after reducing ``axes``: what remains of a reduced space becomes a partial (block) label."""
+    letters = [f"r{k}" for k in range(len(labels))]
+    out_letters = [ch if k not in axes else f"k{k}" for k, ch in enumerate(letters)]
+    if not keepdim:
+        out_letters = [ch for k, ch in enumerate(out_letters) if k not in axes]
+    op = Operand(labels, ctx.shape(node.args[0]), letters, (0,), ctx.is_weight(node.args[0]))
+    return ctx.combine(node, [op], out_letters)
 
 
 @rule(*SOFTMAXES)

@@ -61,6 +61,10 @@ def reshape_labels(labels: Labels, in_shape: list[int], out_shape: list[int]) ->
     out: list[AxisLabel | None] = [None] * len(out_shape)
     for ins, outs in reshape_segments(in_shape, out_shape):
         labelled = [labels[a] for a in ins if labels[a] is not None]
+        if any(lab.full for lab in labelled):  # head-block labels do not survive a merge with channels
+            labelled = [lab for lab in labelled if lab.full]
+            labels = tuple(lab if lab is None or lab.full or a not in ins else None
+                           for a, lab in enumerate(labels))
         if not labelled:
             continue
         spaces = {lab.space for lab in labelled}
