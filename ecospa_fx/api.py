@@ -15,9 +15,9 @@ from ecospa_fx.report import Group, Member, Report, Skipped
 from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs
 from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
-from passes.groups import CoupledUnits, build_groups
+from passes.groups import CoupledUnits, build_groups, orphan_blockers
 from passes.plan import PlanSettings, plan_group
-from passes.rewrite import RewriteError, apply_plan
+from passes.rewrite import RewriteError, apply_plan, preflight
 from passes.score import coupled_magnitude
 from passes.verify import oracle_diff
 
@@ -44,6 +44,7 @@ def compress(
     groups = build_groups(analysis.facts, config.granularity)
     params = dict(gm.named_parameters(remove_duplicate=False))
     keep, report = _plan(groups, analysis.facts, params, config)
+    keep = _reconcile(groups, analysis, keep, report)
     compressed = copy.deepcopy(gm)
     try:
         apply_plan(compressed, analysis, keep)
@@ -109,7 +110,30 @@ def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: Comp
                 if not kept:
                     keep[unit] = False
         report.groups.append(_report_group(group, facts, keep))
+    for reason, names in orphan_blockers(facts, groups):
+        report.skipped.append(Skipped("unsupported", names, (reason,)))
     return keep, report
+
+
+def _reconcile(groups: list[CoupledUnits], analysis, keep: np.ndarray, report: Report) -> np.ndarray:
+    """Leave dense any planned group whose channels share a fused reshape with a group that kept a
+    different count (e.g. a fused qkv viewed as [heads, head_dim] with only the qk group pruned)."""
+    facts = analysis.facts
+    for _ in range(len(groups) + 1):
+        bad = preflight(analysis, keep)
+        if not bad:
+            return keep
+        for group in groups:
+            owned = {sid for sid in group.spaces if sid in bad}
+            removed = ~keep[group.channels]
+            if not owned or not removed.any():
+                continue
+            keep[group.channels] = True
+            reason = f"kept channels do not fit a reshape shared with other groups: {bad[min(owned)]}"
+            names = _param_names(group, facts)
+            report.groups = [g for g in report.groups if set(g.params) != set(names) or g.kind != group.kind]
+            report.skipped.append(Skipped(group.kind, names, (reason,)))
+    raise EcospaError("could not find a rewritable plan")
 
 
 def _param_names(group: CoupledUnits, facts: CouplingFacts) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from passes.labels import AxisLabel, Labels, identity_label, spaces_of
 from passes.meet import Operand, gqa_expand, letter_sizes, tie_operands
 
 LabelValue = Labels | list[Any] | None
+CONSTANT_COPIES = ("aten.lift_fresh_copy.default", "aten.clone.default", "aten.detach.default")
 
 
 @dataclass
@@ -60,6 +61,17 @@ class Ctx:
 
     def is_weight(self, arg: Any) -> bool:
         return isinstance(arg, fx.Node) and arg.name in self.analysis.weight_nodes
+
+    def constant(self, arg: Any) -> torch.Tensor | None:
+        """The value of a constant tensor argument (a get_attr, possibly copied), else None."""
+        while isinstance(arg, fx.Node) and arg.op == "call_function" and str(arg.target) in CONSTANT_COPIES:
+            arg = arg.args[0]
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            return None
+        value = self.analysis.graph_module
+        for part in str(arg.target).split("."):
+            value = getattr(value, part, None)
+        return value.detach().cpu() if isinstance(value, torch.Tensor) else None
 
     def labels_or_none(self, arg: Any) -> Labels:
         lab = self.lab(arg)

@@ -65,9 +65,12 @@ def new_sizes(labels: Labels, shape: list[int], keep: np.ndarray, spaces) -> lis
 def remap_slice(labels: Labels, axis: int, bounds: tuple[int, int, int], keep, spaces) -> tuple[int, int, int]:
     """New (start, end, step) on ``axis`` selecting exactly the kept positions the old slice selected."""
     lab = labels[axis]
-    axes = spaces_of(labels)[lab.space]
+    axes = _outer_first(labels, spaces_of(labels)[lab.space])
     mask = kept_grid(labels, axes, keep, spaces[lab.space].offset)
-    rows = np.moveaxis(mask, axes.index(axis), -1).reshape(-1, mask.shape[axes.index(axis)])
+    p = axes.index(axis)
+    if p + 1 < mask.ndim:  # a position of an outer axis is a whole block: kept if anything in it is
+        mask = mask.any(axis=tuple(range(p + 1, mask.ndim)))
+    rows = mask.reshape(-1, mask.shape[p])
     picked = set(range(*slice(*bounds).indices(rows.shape[1])))
     result = None
     for row in rows:

@@ -142,3 +142,17 @@ def _blocking_reasons(facts: CouplingFacts, channels: np.ndarray, granularity: s
             if text not in reasons:
                 reasons.append(text)
     return reasons
+
+
+def orphan_blockers(facts: CouplingFacts, groups: list[CoupledUnits]) -> list[tuple[str, tuple[str, ...]]]:
+    """Blockers on weights that belong to no group (e.g. expert weights gathered by routing indices):
+    (reason, parameter names), so the report can say which weights stayed dense and why."""
+    covered = {s for g in groups for s in g.spaces}
+    owner = space_of_channel(facts)
+    out: dict[str, set[str]] = {}
+    for blocker in facts.blockers:
+        names = {facts.spaces[s].param for s in np.unique(owner[blocker.channels])
+                 if s not in covered and not facts.spaces[s].is_virtual}
+        if names:
+            out.setdefault(f"{blocker.reason} (node {blocker.node})", set()).update(names)
+    return [(reason, tuple(sorted(names))) for reason, names in out.items()]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from passes.analyse import Ctx
@@ -58,7 +59,7 @@ NORM_LAYERS = ["aten::layer_norm", "aten::rms_norm", "aten::native_layer_norm", 
 # Ops whose output starts a fresh, unlabelled stream (embedding rows, conv channels): the hidden dim.
 HIDDEN_ORIGINS = ["aten::embedding", "aten::conv1d", "aten::conv2d", "aten::convolution"]
 COPY_OR_SHAPE = set(ZERO_PRESERVING_UNARY[12:] + RESHAPES) | {
-    "aten::t", "aten::transpose", "aten::permute", "aten::unsqueeze", "aten::expand", "aten::squeeze",
+    "aten::t", "aten::numpy_T", "aten::transpose", "aten::permute", "aten::unsqueeze", "aten::expand", "aten::squeeze",
 }
 
 
@@ -138,6 +139,8 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
         operands.append(Operand(ctx.labels_or_none(a), shape, letters[len(letters) - len(shape):],
                                 path, ctx.is_weight(a)))
     was_unlabelled = [all(lab is None for lab in op.labels) and not op.is_weight for op in operands]
+    if not any(any(op.labels) and not op.is_weight for op in operands) and any(was_unlabelled):
+        return None  # only weights carry labels (norm scale, position embedding): no channel flows here
     labels = ctx.combine(node, operands, letters)
     sites = [op for op, bare in zip(ctx.last_operands, was_unlabelled, strict=True)
              if bare and any(lab is not None and lab.full for lab in op.labels)]
@@ -172,6 +175,16 @@ def _tensor_args(node: fx.Node):
 @rule(*ADDITIVE)
 def _additive(ctx: Ctx, node: fx.Node) -> Labels:
     return _elementwise(ctx, node, "add")
+
+
+@rule("aten::add_", "aten::sub_", "aten::mul_")
+def _inplace(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """In-place update: exact like its functional twin when nothing else reads the mutated input."""
+    target = node.args[0]
+    if isinstance(target, fx.Node) and len(target.users) > 1:
+        block_input(ctx, node, "in-place op on a tensor that has other readers")
+        return None
+    return _elementwise(ctx, node, "mul" if schema_name(node.target) == "aten::mul_" else "add")
 
 
 @rule(*MULTIPLICATIVE)
@@ -246,7 +259,7 @@ def _transpose(ctx: Ctx, node: fx.Node) -> Labels | None:
     return tuple(out)
 
 
-@rule("aten::t")
+@rule("aten::t", "aten::numpy_T")
 def _t(ctx: Ctx, node: fx.Node) -> Labels | None:
     labels = ctx.lab(node.args[0])
     return None if labels is None else tuple(reversed(labels))
@@ -460,6 +473,38 @@ def _index_select(ctx: Ctx, node: fx.Node) -> Labels | None:
         block_input(ctx, node, "index_select along a channel axis")
         return None
     return labels
+
+
+@rule("aten::index")
+def _index(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """x[..., idx] with one constant 1-D index: labels along that axis are gathered by idx."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    indices = list(node.args[1])
+    used = [k for k, ix in enumerate(indices) if ix is not None]
+    const = ctx.constant(indices[used[0]]) if len(used) == 1 else None
+    if const is None or const.ndim != 1 or const.dtype == torch.bool:
+        block_input(ctx, node, "advanced indexing with data-dependent or multi-axis indices")
+        return None
+    d = used[0]
+    out = list(labels)
+    if out[d] is not None:
+        out[d] = out[d].with_arr(out[d].arr[const.numpy()])
+        if _is_outer_axis(labels, d):  # whole positions of this axis cannot be renumbered in place
+            only = tuple(lab if lab is not None and lab.space == labels[d].space else None for lab in labels)
+            ctx.block_labels(only, "head", "constant index over a head axis", node)
+        elif not np.array_equal(const.numpy(), np.arange(len(const))):
+            block_input(ctx, node, "constant index that reorders channels")
+            return None
+    return tuple(out)
+
+
+def _is_outer_axis(labels: Labels, d: int) -> bool:
+    lab = labels[d]
+    others = [o for k, o in enumerate(labels) if k != d and o is not None and o.space == lab.space]
+    extent = 1 + sum(int(np.ptp(o.arr)) for o in others)
+    return bool(others) and bool(np.all(lab.arr % extent == 0))
 
 
 # ---------------------------------------------------------------------------------- joining

@@ -45,6 +45,29 @@ def apply_plan(gm: fx.GraphModule, analysis: Analysis, keep: np.ndarray) -> fx.G
     return gm
 
 
+def preflight(analysis: Analysis, keep: np.ndarray) -> dict[int, str]:
+    """Spaces whose kept channels would not compact on some tensor (space id -> reason), without
+    touching the graph. A plan is rewritable exactly iff this is empty."""
+    bad: dict[int, str] = {}
+    spaces = analysis.facts.spaces
+    for node in analysis.graph_module.graph.nodes:
+        value = analysis.labels.get(node.name)
+        for labels in value if isinstance(value, list) else [value]:
+            if not isinstance(labels, tuple) or not any(labels):
+                continue
+            shape = [len(lab.arr) if lab is not None else 1 for lab in labels]
+            for space in {lab.space for lab in labels if lab is not None}:
+                only = tuple(lab if lab is not None and lab.space == space else None for lab in labels)
+                try:
+                    new_sizes(only, shape, keep, spaces)
+                    for axis, lab in enumerate(only):
+                        if lab is not None and len(lab.arr) > 1:
+                            remap_slice(only, axis, (0, len(lab.arr), 1), keep, spaces)
+                except CompactionError as err:
+                    bad.setdefault(space, f"{err} at node {node.name}")
+    return bad
+
+
 def _kept(space, keep: np.ndarray) -> np.ndarray:
     return np.flatnonzero(keep[space.offset : space.offset + space.size])
 

@@ -58,6 +58,7 @@ def reshape_segments(in_shape: list[int], out_shape: list[int]) -> list[tuple[li
 
 def reshape_labels(labels: Labels, in_shape: list[int], out_shape: list[int]) -> Labels:
     """Labels of ``x.reshape(out_shape)`` given ``x``'s labels; raises NotSeparable when impossible."""
+    labels = fold_constant_axes(labels)
     out: list[AxisLabel | None] = [None] * len(out_shape)
     for ins, outs in reshape_segments(in_shape, out_shape):
         labelled = [labels[a] for a in ins if labels[a] is not None]
@@ -110,5 +111,22 @@ def _decompose(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
         recon = recon + part.reshape(shape)
     if not np.array_equal(recon, grid):
         raise NotSeparable("reshape mixes channels non-additively")
-    parts[0] = parts[0] + base
+    varying = [k for k, part in enumerate(parts) if np.any(part != part[0])]
+    single = [k for k, n in enumerate(sizes) if n == 1]
+    home = varying[0] if varying else (single[0] if single else 0)
+    parts[home] = parts[home] + base
     return parts
+
+
+def fold_constant_axes(labels: Labels) -> Labels:
+    """Move the constant contribution of labelled size-1 axes onto a sibling axis of the same space."""
+    out = list(labels)
+    for a, lab in enumerate(labels):
+        if lab is None or len(lab.arr) != 1:
+            continue
+        sibling = next((k for k, o in enumerate(out) if k != a and o is not None and o.space == lab.space
+                        and len(o.arr) > 1), None)
+        if sibling is not None:
+            out[sibling] = replace(out[sibling], arr=out[sibling].arr + lab.arr[0])
+            out[a] = None
+    return tuple(out)

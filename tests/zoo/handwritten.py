@@ -396,7 +396,7 @@ def _tower_case(name, block_cls, seed, expect, notes, **meta) -> ZooCase:
     )
 
 
-MHA = {"qk": NL * NH, "vo": NL, "ffn": NL}
+MHA = {"qk": NL, "vo": NL, "ffn": NL}  # one qk group per attention module
 _MHA_WHY = "No rotary, MHA -> qk one per head = 2*4 = 8; vo 1/layer = 2; ffn 1/layer = 2. "
 
 
@@ -472,7 +472,7 @@ def _all() -> list[ZooCase]:
             "hw_gqa_sdpa",
             GqaBlock,
             108,
-            {"qk": NL * KV, "vo": NL, "ffn": NL},
+            {"qk": NL, "vo": NL, "ffn": NL},
             "GQA 4 q heads / 2 kv heads, no rotary, F.scaled_dot_product_attention(..., enable_gqa=True) "
             "(the repeat is implicit inside SDPA: q heads 2g, 2g+1 attend with kv head g). qk one per "
             "(layer, KV head) = 2*2 = 4; vo 1/layer; ffn 1/layer.",

@@ -5,7 +5,8 @@ Every model: fp32, eval mode, ``use_cache=False``, seeded init, 2 layers and
 
 Counting conventions for ``expect`` (see ``tests/zoo/case.py``):
 
-* ``qk``: no rotary -> one group per (layer, KV head): MHA ``L*H``, GQA/MQA
+* ``qk``: ONE group per attention module (per-KV-group channel sets are families inside it);
+  the original per-head convention below is kept for reference only: no rotary -> one group per (layer, KV head): MHA ``L*H``, GQA/MQA
   ``L*KV``.  Rotary with a cos/sin table shared by all heads of a layer ->
   one group per layer (``L``), whatever H/KV are.
 * ``vo``: one per attention module.
@@ -124,7 +125,7 @@ def _gpt2(name="hf_gpt2", attn="sdpa") -> ZooCase:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        expect={"qk": L * H, "vo": L, "ffn": L},
+        expect={"qk": L, "vo": L, "ffn": L},
         meta=m,
         notes=_shape_note(m)
         + (
@@ -402,7 +403,7 @@ def _opt() -> ZooCase:
         dropout=0.0,
         attention_dropout=0.0,
         pad_token_id=1,
-        expect={"qk": L * H, "vo": L, "ffn": L},
+        expect={"qk": L, "vo": L, "ffn": L},
         meta=m,
         notes=_shape_note(m)
         + (
@@ -430,7 +431,7 @@ def _bert() -> ZooCase:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         use_cache=False,
-        expect={"qk": L * H, "vo": L, "ffn": L},
+        expect={"qk": L, "vo": L, "ffn": L},
         meta=m,
         notes=_shape_note(m)
         + (
@@ -462,7 +463,7 @@ def _vit() -> ZooCase:
         initializer_range=INIT,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        expect={"qk": L * H, "vo": L, "ffn": L},
+        expect={"qk": L, "vo": L, "ffn": L},
         meta=m,
         notes=_shape_note(m)
         + (
@@ -510,7 +511,7 @@ def _t5() -> ZooCase:
         decoder_start_token_id=0,
         pad_token_id=0,
         feed_forward_proj="relu",
-        expect={"qk": 3 * L * H, "vo": 3 * L, "ffn": 2 * L},
+        expect={"qk": 3 * L, "vo": 3 * L, "ffn": 2 * L},
         meta=m,
         notes=_shape_note(m)
         + (
@@ -553,7 +554,7 @@ def _mixtral() -> ZooCase:
         use_cache=False,
         initializer_range=INIT,
         router_jitter_noise=0.0,
-        expect={"qk": L, "vo": L, "ffn": L},
+        expect={"qk": L, "vo": L, "ffn": 0},
         meta=m,
         notes=_shape_note(m)
         + (
