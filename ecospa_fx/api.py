@@ -35,7 +35,7 @@ def compress(
 
     The result is a ``torch.fx.GraphModule`` called with the same positional inputs as ``model``; its
     report is ``result.ecospa_report`` (also ``result.report``). ``model`` is not modified. Options are the
-    fields of ``CompressConfig`` (granularity, kinds, round_to, importance, verify, atol).
+    fields of ``CompressConfig`` (granularity, kinds, round_to, importance, verify, atol, rtol).
     """
     config = config or CompressConfig(sparsity=sparsity, **options)
     inputs = _checked(model, example_inputs)
@@ -53,7 +53,7 @@ def compress(
     report.params_before = _count(gm)
     report.params_after = _count(compressed)
     if config.verify:
-        _verify(model, compressed, inputs, report, config.atol)
+        _verify(model, compressed, inputs, report, config.atol, config.rtol)
     compressed.ecospa_report = report
     compressed.report = report
     return compressed
@@ -75,11 +75,7 @@ def discover(model: torch.nn.Module, example_inputs: Any, *, granularity: str = 
 
 def _checked(model, example_inputs, allow_meta: bool = False) -> tuple:
     try:
-        if allow_meta:
-            if not isinstance(model, torch.nn.Module):
-                raise CaptureInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-            return check_inputs(torch.nn.Module(), example_inputs)
-        return check_inputs(model, example_inputs)
+        return check_inputs(model, example_inputs, allow_meta)
     except CaptureInputError as err:
         raise InputError(str(err)) from None
 
@@ -162,12 +158,14 @@ def _count(gm: torch.nn.Module) -> int:
     return sum(p.numel() for p in gm.parameters())
 
 
-def _verify(model, compressed, inputs, report: Report, atol: float) -> None:
+def _verify(model, compressed, inputs, report: Report, atol: float, rtol: float) -> None:
     removed = [(m.param, m.dim, m.removed) for g in report.groups for m in g.members]
-    diff = oracle_diff(model, compressed, inputs, removed)
+    diff, scale = oracle_diff(model, compressed, inputs, removed)
     report.max_abs_diff = diff
-    if not diff <= atol:
+    bound = atol + rtol * scale
+    if not diff <= bound:
         raise VerificationError(
-            f"compressed model differs from the masked dense model by {diff:.3e} (> atol {atol}); "
+            f"compressed model differs from the masked dense model by {diff:.3e} "
+            f"(> atol + rtol * max|output| = {bound:.3e}); "
             "this is a bug in ecospa_fx: please report it with the model"
         )

@@ -22,7 +22,7 @@ class CompressConfig:
     round_to: keep counts are rounded to multiples of this where the width allows (8 suits GEMM kernels).
     importance: how units are ranked ("magnitude": product of the coupled weights' norms).
     verify: check the result against the masked dense model (the mask oracle) on the example inputs.
-    atol: verification tolerance on the maximum absolute difference.
+    atol, rtol: verification passes when max|compressed - masked dense| <= atol + rtol * max|output|.
     """
 
     sparsity: float = 0.5
@@ -32,6 +32,7 @@ class CompressConfig:
     importance: str = "magnitude"
     verify: bool = True
     atol: float = 1e-4
+    rtol: float = 1e-5
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
@@ -52,5 +53,5 @@ class CompressConfig:
             raise InputError(f"round_to must be a positive int, got {self.round_to!r}")
         if self.importance not in IMPORTANCES:
             raise InputError(f"unknown importance {self.importance!r}; choose from {IMPORTANCES}")
-        if self.atol <= 0:
-            raise InputError(f"atol must be positive, got {self.atol}")
+        if self.atol <= 0 or self.rtol < 0:
+            raise InputError(f"atol must be positive and rtol non-negative, got {self.atol}, {self.rtol}")

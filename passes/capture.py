@@ -21,7 +21,7 @@ class CaptureFailed(RuntimeError):
     """torch.export raised; the message carries its error and advice."""
 
 
-def check_inputs(model: Any, example_inputs: Any) -> tuple:
+def check_inputs(model: Any, example_inputs: Any, allow_meta: bool = False) -> tuple:
     """Validate the model and example inputs; return the inputs as a tuple."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -39,10 +39,10 @@ def check_inputs(model: Any, example_inputs: Any) -> tuple:
     for i, x in enumerate(example_inputs):
         if isinstance(x, Mapping):
             raise CaptureInputError(f"example_inputs[{i}] is a dict: pass tensors positionally")
-        if isinstance(x, torch.Tensor) and x.is_meta:
+        if isinstance(x, torch.Tensor) and x.is_meta and not allow_meta:
             raise CaptureInputError(f"example_inputs[{i}] is on the meta device: pass real tensors")
     meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
+    if meta and not allow_meta:
         raise CaptureInputError(
             f"model has {len(meta)} parameters on the meta device (e.g. {meta[0]}): compress needs real "
             "weights; load them first (discovery alone works on meta models via ecospa_fx.discover)"

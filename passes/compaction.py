@@ -67,6 +67,8 @@ def remap_slice(labels: Labels, axis: int, bounds: tuple[int, int, int], keep, s
     lab = labels[axis]
     axes = _outer_first(labels, spaces_of(labels)[lab.space])
     mask = kept_grid(labels, axes, keep, spaces[lab.space].offset)
+    if mask.size == 0:  # an empty tensor (e.g. the pass-through part of a full rotary) stays empty
+        return bounds
     p = axes.index(axis)
     if p + 1 < mask.ndim:  # a position of an outer axis is a whole block: kept if anything in it is
         mask = mask.any(axis=tuple(range(p + 1, mask.ndim)))

@@ -114,6 +114,8 @@ def _make_group(facts, flags, owner, units, kind, granularity) -> CoupledUnits |
     group = CoupledUnits(kind, sorted(units, key=lambda u: int(u.min())), spaces, blocks)
     if kind == "hidden":
         group.reasons.append("hidden (residual) dimension: off by default (norms over it make it inexact)")
+    if granularity == "head" and kind in ("qk", "vo"):
+        group.reasons.append("not whole heads at head granularity (e.g. K/V shared by every query head)")
     group.reasons.extend(_blocking_reasons(facts, channels, granularity))
     return group
 
