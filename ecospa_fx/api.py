@@ -59,8 +59,9 @@ def compress(
     return compressed
 
 
-def discover(model: torch.nn.Module, example_inputs: Any, *, granularity: str = "channel",
-             dynamic_shapes: Any = None) -> Report:
+def discover(
+    model: torch.nn.Module, example_inputs: Any, *, granularity: str = "channel", dynamic_shapes: Any = None
+) -> Report:
     """The coupled groups of ``model`` (nothing removed, nothing changed). Works on meta-device models."""
     CompressConfig(sparsity=0.0, granularity=granularity)
     inputs = _checked(model, example_inputs, allow_meta=True)

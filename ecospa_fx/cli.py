@@ -52,19 +52,36 @@ def _demo(args, console: Console) -> int:
     from ecospa_fx.demo import run_demo
 
     with console.status("loading all-MiniLM-L6-v2") as status:
-        rows = run_demo(args.sparsity, args.batch, args.seq, args.repeats,
-                        progress=lambda m: status.update(m))
+        rows = run_demo(
+            args.sparsity, args.batch, args.seq, args.repeats, progress=lambda m: status.update(m)
+        )
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return EXIT_OK
     dense = rows[0]
     table = Table(title=f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, 2 CPU threads")
-    for col in ("model", "params", "cosine vs dense", "top-1 agree", "ORT ms", "ORT speedup",
-                "torch ms", "torch speedup"):
+    for col in (
+        "model",
+        "params",
+        "cosine vs dense",
+        "top-1 agree",
+        "ORT ms",
+        "ORT speedup",
+        "torch ms",
+        "torch speedup",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r.name, f"{r.params / 1e6:.2f}M", f"{r.cosine:.4f}", f"{r.top1:.3f}", f"{r.ort_ms:.1f}",
-                      f"{dense.ort_ms / r.ort_ms:.2f}x", f"{r.torch_ms:.1f}", f"{dense.torch_ms / r.torch_ms:.2f}x")
+        table.add_row(
+            r.name,
+            f"{r.params / 1e6:.2f}M",
+            f"{r.cosine:.4f}",
+            f"{r.top1:.3f}",
+            f"{r.ort_ms:.1f}",
+            f"{dense.ort_ms / r.ort_ms:.2f}x",
+            f"{r.torch_ms:.1f}",
+            f"{dense.torch_ms / r.torch_ms:.2f}x",
+        )
     console.print(table)
     return EXIT_OK
 

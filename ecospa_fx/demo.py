@@ -47,8 +47,22 @@ def load_minilm():
     return EncoderOutput(model).eval(), AutoTokenizer.from_pretrained(path), Path(path)
 
 
-STDLIB_TEXT_MODULES = ("argparse", "collections", "email.message", "json", "logging", "pathlib", "shutil",
-                       "subprocess", "threading", "unittest", "urllib.request", "zipfile", "csv", "datetime")
+STDLIB_TEXT_MODULES = (
+    "argparse",
+    "collections",
+    "email.message",
+    "json",
+    "logging",
+    "pathlib",
+    "shutil",
+    "subprocess",
+    "threading",
+    "unittest",
+    "urllib.request",
+    "zipfile",
+    "csv",
+    "datetime",
+)
 
 
 def demo_sentences(model_dir: Path, limit: int = 160) -> list[str]:
@@ -121,7 +135,9 @@ def _ort_session(module, inputs, path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run_demo(sparsities=(0.25, 0.5), batch: int = 8, seq: int = 128, repeats: int = 10, progress=None) -> list[Row]:
+def run_demo(
+    sparsities=(0.25, 0.5), batch: int = 8, seq: int = 128, repeats: int = 10, progress=None
+) -> list[Row]:
     """Compress at each sparsity; return one row per model (dense first)."""
     torch.set_num_threads(2)
     model, tokenizer, model_dir = load_minilm()
@@ -130,7 +146,9 @@ def run_demo(sparsities=(0.25, 0.5), batch: int = 8, seq: int = 128, repeats: in
         raise InputError("the packaged model card has too few sentences for the demo")
     n = len(sentences) // batch * batch
     enc = tokenizer(sentences[:n], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-    batches = [(enc["input_ids"][i : i + batch], enc["attention_mask"][i : i + batch]) for i in range(0, n, batch)]
+    batches = [
+        (enc["input_ids"][i : i + batch], enc["attention_mask"][i : i + batch]) for i in range(0, n, batch)
+    ]
     example = batches[0]
     dense_emb = embed(model, batches)
     rows = []
@@ -144,14 +162,22 @@ def run_demo(sparsities=(0.25, 0.5), batch: int = 8, seq: int = 128, repeats: in
             _tick(progress, f"measuring {name}")
             emb = embed(module, batches)
             cos = float((emb * dense_emb).sum(-1).mean())
-            top1 = float(((emb @ emb.T).fill_diagonal_(-2).argmax(1)
-                          == (dense_emb @ dense_emb.T).fill_diagonal_(-2).argmax(1)).float().mean())
+            top1 = float(
+                (
+                    (emb @ emb.T).fill_diagonal_(-2).argmax(1)
+                    == (dense_emb @ dense_emb.T).fill_diagonal_(-2).argmax(1)
+                )
+                .float()
+                .mean()
+            )
             with torch.no_grad():
                 torch_ms = _median_ms(lambda module=module: module(*example), repeats)
             measured.append((name, module, cos, top1, torch_ms))
         for name, module, cos, top1, torch_ms in measured:
             _tick(progress, f"exporting {name} to ONNX")
-            sess = _ort_session(module, example, Path(tmp) / f"{name.replace(' ', '_').replace('%', '')}.onnx")
+            sess = _ort_session(
+                module, example, Path(tmp) / f"{name.replace(' ', '_').replace('%', '')}.onnx"
+            )
             feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), example, strict=False)}
             ort_ms = _median_ms(lambda sess=sess, feeds=feeds: sess.run(None, feeds), repeats)
             del sess

@@ -92,8 +92,15 @@ class Report:
         for (layer, kind), gs in rows.items():
             units = sum(g.units for g in gs)
             kept = units - sum(g.units_removed for g in gs)
-            widths = ", ".join(sorted({f"{m.param.rsplit('.', 2)[-2]}[{m.dim}] {m.size}->{m.kept}"
-                                       for g in gs for m in g.members}))
+            widths = ", ".join(
+                sorted(
+                    {
+                        f"{m.param.rsplit('.', 2)[-2]}[{m.dim}] {m.size}->{m.kept}"
+                        for g in gs
+                        for m in g.members
+                    }
+                )
+            )
             table.add_row(layer or "-", kind, str(len(gs)), f"{kept}/{units}", widths)
         return table
 

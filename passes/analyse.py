@@ -118,6 +118,7 @@ class Ctx:
         Records ties for every meeting, gather sites for unlabelled non-weight operands that meet a
         labelled letter, flags for contractions, and makes labels partial when their axes vanish.
         """
+        self.node = node
         sizes = letter_sizes(operands)
         operands = [gqa_expand(op, sizes) for op in operands]
         operands = self._add_gather_sites(node, operands, sizes)
@@ -132,14 +133,22 @@ class Ctx:
         labelled = {ch for op in operands for ch in op.letter_labels()}
         out = []
         for op in operands:
-            missing = [k for k, ch in enumerate(op.letters)
-                       if ch in labelled and op.labels[k] is None and op.shape[k] > 1]
+            missing = [
+                k
+                for k, ch in enumerate(op.letters)
+                if ch in labelled and op.labels[k] is None and op.shape[k] > 1
+            ]
             if missing and op.path is not None and not op.is_weight:
                 if len(missing) > 1:
                     for other in operands:
                         if other is not op:
-                            self.block_labels(other.labels, "all", "an operand meets channel axes on more "
-                                              "than one axis (cannot gather it per axis)", node)
+                            self.block_labels(
+                                other.labels,
+                                "all",
+                                "an operand meets channel axes on more "
+                                "than one axis (cannot gather it per axis)",
+                                node,
+                            )
                 else:
                     k = missing[0]
                     labels = list(op.labels)
@@ -162,7 +171,9 @@ class Ctx:
         acts = [op for op in operands if not op.is_weight]
         for op in operands:
             if op.is_weight and acts and contracted:
-                free = [k for k, ch in enumerate(op.letters) if op.labels[k] is not None and ch in out_letters]
+                free = [
+                    k for k, ch in enumerate(op.letters) if op.labels[k] is not None and ch in out_letters
+                ]
                 if free:
                     self.facts.flag("produced", self._ids(op, free))
         for op in acts:
@@ -171,11 +182,26 @@ class Ctx:
             if sunk:
                 against_weight = any(o.is_weight for o in operands if o is not op)
                 self.facts.flag("param_sink" if against_weight else "score", self._ids(op, sunk))
+                if not against_weight:
+                    self._check_zero_ok(operands, contracted)
             elif len(acts) >= 2:
-                free = [k for k, ch in enumerate(op.letters)
-                        if ch in lab and lab[ch].full and ch in out_letters and counts[ch] == 1]
+                free = [
+                    k
+                    for k, ch in enumerate(op.letters)
+                    if ch in lab and lab[ch].full and ch in out_letters and counts[ch] == 1
+                ]
                 if free:
                     self.facts.flag("value", self._ids(op, free))
+
+    def _check_zero_ok(self, operands: list[Operand], contracted: set[str]) -> None:
+        """q . k with removed channels equals q . k with them zeroed upstream only if at least one side
+        maps a zeroed channel to 0 on its way here (f(0) == 0); otherwise block, never guess."""
+        sides = [[lab for ch, lab in op.letter_labels().items() if ch in contracted] for op in operands]
+        sides = [labs for labs in sides if labs]
+        if len(sides) >= 2 and not any(all(lab.zero_ok for lab in labs) for labs in sides):
+            for op in operands:
+                self.block_labels(op.labels, "channel", "both sides of an activation contraction pass an op "
+                                  "with f(0) != 0 (removing a channel would not equal zeroing it)", self.node)
 
     def _ids(self, op: Operand, axes: list[int]) -> np.ndarray:
         return self.global_ids(op.labels, axes)
@@ -187,8 +213,11 @@ class Ctx:
         output is broadcast along that letter (MQA: V has one head, so the output's head axis carries
         no V channel; labelling it with Q's heads would mix two spaces on one tensor).
         """
-        carriers = [op for op in operands
-                    if any(lab.full and ch in out_letters for ch, lab in op.letter_labels().items())]
+        carriers = [
+            op
+            for op in operands
+            if any(lab.full and ch in out_letters for ch, lab in op.letter_labels().items())
+        ]
         ordered = sorted(operands, key=lambda op: -_weight_in_output(op, out_letters))
         out: list[AxisLabel | None] = []
         for ch in out_letters:
@@ -200,8 +229,10 @@ class Ctx:
                 lab = _survivor(op, lab, out_letters)
                 if best is None or _rank(lab, self.facts) > _rank(best, self.facts):
                     best = lab
-            if best is not None and not best.full and any(
-                ch in op.letters and op.labels[op.letters.index(ch)] is None for op in carriers
+            if (
+                best is not None
+                and not best.full
+                and any(ch in op.letters and op.labels[op.letters.index(ch)] is None for op in carriers)
             ):
                 best = None
             out.append(best)
@@ -235,8 +266,11 @@ def _is_block_axis(operands: list[Operand], letter: str) -> bool:
 
 def _survivor(op: Operand, lab: AxisLabel, out_letters: list[str]) -> AxisLabel:
     """``lab`` as seen in the output: partial if other axes of its space were contracted away."""
-    gone = [k for k, (ch, other) in enumerate(zip(op.letters, op.labels, strict=True))
-            if other is not None and other.space == lab.space and ch not in out_letters]
+    gone = [
+        k
+        for k, (ch, other) in enumerate(zip(op.letters, op.labels, strict=True))
+        if other is not None and other.space == lab.space and ch not in out_letters
+    ]
     if not gone:
         return lab
     offsets = lab.offsets

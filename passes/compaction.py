@@ -62,7 +62,9 @@ def new_sizes(labels: Labels, shape: list[int], keep: np.ndarray, spaces) -> lis
     return out
 
 
-def remap_slice(labels: Labels, axis: int, bounds: tuple[int, int, int], keep, spaces) -> tuple[int, int, int]:
+def remap_slice(
+    labels: Labels, axis: int, bounds: tuple[int, int, int], keep, spaces
+) -> tuple[int, int, int]:
     """New (start, end, step) on ``axis`` selecting exactly the kept positions the old slice selected."""
     lab = labels[axis]
     axes = _outer_first(labels, spaces_of(labels)[lab.space])
@@ -92,7 +94,9 @@ def remap_slice(labels: Labels, axis: int, bounds: tuple[int, int, int], keep, s
 def _as_range(sel: list[int], step: int, n: int) -> tuple[int, int, int]:
     if not sel:
         return (0, 0, 1)
-    st = step if len(sel) > 1 else 1
+    st = sel[1] - sel[0] if len(sel) > 1 else 1
+    if st <= 0:
+        raise CompactionError(f"kept positions {sel} are not increasing")
     cand = (sel[0], sel[-1] + 1, st)
     if list(range(*cand)) != sel:
         raise CompactionError(f"kept positions {sel} are not a strided range")

@@ -81,13 +81,17 @@ def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
             tied[a] = tied[b] = True
     chans = np.flatnonzero(tied | flags["produced"])
     chans = chans[np.argsort(comp[chans], kind="stable")]
-    unit_ids, starts = np.unique(comp[chans], return_index=True)
+    _unit_ids, starts = np.unique(comp[chans], return_index=True)
     units = np.split(chans, starts[1:])
     kinds = _unit_kinds(flags, chans, starts, granularity)
     graph = nx.Graph()
     graph.add_nodes_from(("unit", i) for i in range(len(units)))
-    pairs = np.unique(np.stack([np.repeat(np.arange(len(units)), np.diff(np.append(starts, len(chans)))),
-                                owner[chans]], axis=1), axis=0)
+    pairs = np.unique(
+        np.stack(
+            [np.repeat(np.arange(len(units)), np.diff(np.append(starts, len(chans)))), owner[chans]], axis=1
+        ),
+        axis=0,
+    )
     graph.add_edges_from((("unit", int(u)), ("space", kinds[u], int(sp))) for u, sp in pairs)
     groups = []
     for nodes in nx.connected_components(graph):
@@ -153,8 +157,11 @@ def orphan_blockers(facts: CouplingFacts, groups: list[CoupledUnits]) -> list[tu
     owner = space_of_channel(facts)
     out: dict[str, set[str]] = {}
     for blocker in facts.blockers:
-        names = {facts.spaces[s].param for s in np.unique(owner[blocker.channels])
-                 if s not in covered and not facts.spaces[s].is_virtual}
+        names = {
+            facts.spaces[s].param
+            for s in np.unique(owner[blocker.channels])
+            if s not in covered and not facts.spaces[s].is_virtual
+        }
         if names:
             out.setdefault(f"{blocker.reason} (node {blocker.node})", set()).update(names)
     return [(reason, tuple(sorted(names))) for reason, names in out.items()]

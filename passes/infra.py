@@ -25,13 +25,13 @@ class PassError(Exception):
 class Pass(Generic[T]):
     name = "pass"
 
-    def requires(self, module: T) -> None:  # noqa: B027 - optional hook
+    def requires(self, module: T) -> None:
         """Raise if ``module`` is not something this pass can run on."""
 
     def call(self, module: T) -> PassResult[T]:
         raise NotImplementedError
 
-    def ensures(self, module: T) -> None:  # noqa: B027 - optional hook
+    def ensures(self, module: T) -> None:
         """Raise if the result breaks an invariant this pass promises."""
 
     def __call__(self, module: T) -> PassResult[T]:
@@ -44,4 +44,3 @@ class Pass(Generic[T]):
         except Exception as err:
             raise PassError(f"{self.name}: {err}") from err
         return result
-

@@ -66,8 +66,11 @@ def tie_operands(facts, spaces, a: Operand, b: Operand, sizes: dict[str, int]) -
                 ga = grid_over(a, sa, union, sizes) + off_a
                 gb = grid_over(b, sb, union, sizes) + off_b
                 kind = "aligned" if set(letters_a) == set(letters_b) else "broadcast"
-                facts.tie(kind, np.broadcast_to(ga, np.broadcast_shapes(ga.shape, gb.shape)),
-                          np.broadcast_to(gb, np.broadcast_shapes(ga.shape, gb.shape)))
+                facts.tie(
+                    kind,
+                    np.broadcast_to(ga, np.broadcast_shapes(ga.shape, gb.shape)),
+                    np.broadcast_to(gb, np.broadcast_shapes(ga.shape, gb.shape)),
+                )
             else:
                 _tie_blocks(facts, a, sa, off_a, b, sb, off_b, meet, sizes)
 

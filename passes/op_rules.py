@@ -24,42 +24,101 @@ RULES: dict[str, Rule] = {}
 
 # f(0) == 0: a zeroed channel stays zero, so removing it equals zeroing it upstream.
 ZERO_PRESERVING_UNARY = [
-    "aten::neg", "aten::relu", "aten::gelu", "aten::silu", "aten::tanh", "aten::sin", "aten::abs",
-    "aten::sqrt", "aten::erf", "aten::leaky_relu", "aten::hardtanh", "aten::elu", "aten::mish",
-    "aten::sign", "aten::relu6", "aten::hardswish",
-    "aten::clone", "aten::contiguous", "aten::alias", "aten::detach", "aten::to", "aten::_to_copy",
-    "aten::type_as", "aten::dropout", "aten::lift_fresh_copy", "aten::clamp",  # clamp(0) is 0 unless min>0
+    "aten::neg",
+    "aten::relu",
+    "aten::gelu",
+    "aten::silu",
+    "aten::tanh",
+    "aten::sin",
+    "aten::abs",
+    "aten::sqrt",
+    "aten::erf",
+    "aten::leaky_relu",
+    "aten::hardtanh",
+    "aten::elu",
+    "aten::mish",
+    "aten::sign",
+    "aten::relu6",
+    "aten::hardswish",
+    "aten::clone",
+    "aten::contiguous",
+    "aten::alias",
+    "aten::detach",
+    "aten::to",
+    "aten::_to_copy",
+    "aten::type_as",
+    "aten::dropout",
+    "aten::lift_fresh_copy",
+    "aten::clamp",  # clamp(0) is 0 unless min>0
 ]
 # Channelwise but f(0) != 0 (fine before a weight contraction, not before q . k).
 OTHER_UNARY = [
-    "aten::exp", "aten::sigmoid", "aten::cos", "aten::rsqrt", "aten::reciprocal", "aten::log",
-    "aten::softplus", "aten::hardsigmoid", "aten::logical_not", "aten::isnan", "aten::bitwise_not",
+    "aten::exp",
+    "aten::sigmoid",
+    "aten::cos",
+    "aten::rsqrt",
+    "aten::reciprocal",
+    "aten::log",
+    "aten::softplus",
+    "aten::hardsigmoid",
+    "aten::logical_not",
+    "aten::isnan",
+    "aten::bitwise_not",
 ]
 # Ops with a tensor input but nothing to label (assertions, symbolic sizes).
 IGNORED = [
-    "aten::_assert_tensor_metadata", "aten::_assert_scalar", "aten::sym_size", "aten::sym_numel",
-    "aten::sym_stride", "aten::_assert_async", "aten::sym_constrain_range_for_size",
+    "aten::_assert_tensor_metadata",
+    "aten::_assert_scalar",
+    "aten::sym_size",
+    "aten::sym_numel",
+    "aten::sym_stride",
+    "aten::_assert_async",
+    "aten::sym_constrain_range_for_size",
     "aten::sym_constrain_range",
 ]
 ADDITIVE = ["aten::add", "aten::sub", "aten::rsub"]
 MULTIPLICATIVE = ["aten::mul"]
 COMPARE_OR_SELECT = [
-    "aten::maximum", "aten::minimum", "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt",
-    "aten::ge", "aten::logical_and", "aten::logical_or",
+    "aten::maximum",
+    "aten::minimum",
+    "aten::eq",
+    "aten::ne",
+    "aten::lt",
+    "aten::le",
+    "aten::gt",
+    "aten::ge",
+    "aten::logical_and",
+    "aten::logical_or",
 ]
 RESHAPES = ["aten::view", "aten::reshape", "aten::_unsafe_view", "aten::flatten", "aten::unflatten"]
 # Reductions that normalise by the number of channels (or pick one): removing channels changes them.
 NORMALISING_REDUCTIONS = [
-    "aten::mean", "aten::var", "aten::std", "aten::amax", "aten::amin", "aten::logsumexp",
-    "aten::linalg_vector_norm", "aten::norm", "aten::var_mean", "aten::max", "aten::min",
-    "aten::argmax", "aten::argmin",
+    "aten::mean",
+    "aten::var",
+    "aten::std",
+    "aten::amax",
+    "aten::amin",
+    "aten::logsumexp",
+    "aten::linalg_vector_norm",
+    "aten::norm",
+    "aten::var_mean",
+    "aten::max",
+    "aten::min",
+    "aten::argmax",
+    "aten::argmin",
 ]
 SOFTMAXES = ["aten::softmax", "aten::_softmax", "aten::log_softmax", "aten::_log_softmax"]
 NORM_LAYERS = ["aten::layer_norm", "aten::rms_norm", "aten::native_layer_norm", "aten::group_norm"]
 # Ops whose output starts a fresh, unlabelled stream (embedding rows, conv channels): the hidden dim.
 HIDDEN_ORIGINS = ["aten::embedding", "aten::conv1d", "aten::conv2d", "aten::convolution"]
 COPY_OR_SHAPE = set(ZERO_PRESERVING_UNARY[12:] + RESHAPES) | {
-    "aten::t", "aten::numpy_T", "aten::transpose", "aten::permute", "aten::unsqueeze", "aten::expand", "aten::squeeze",
+    "aten::t",
+    "aten::numpy_T",
+    "aten::transpose",
+    "aten::permute",
+    "aten::unsqueeze",
+    "aten::expand",
+    "aten::squeeze",
 }
 
 
@@ -136,14 +195,20 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
     operands = []
     for path, a in _tensor_args(node):
         shape = ctx.shape(a)
-        operands.append(Operand(ctx.labels_or_none(a), shape, letters[len(letters) - len(shape):],
-                                path, ctx.is_weight(a)))
+        operands.append(
+            Operand(
+                ctx.labels_or_none(a), shape, letters[len(letters) - len(shape) :], path, ctx.is_weight(a)
+            )
+        )
     was_unlabelled = [all(lab is None for lab in op.labels) and not op.is_weight for op in operands]
     if not any(any(op.labels) and not op.is_weight for op in operands) and any(was_unlabelled):
         return None  # only weights carry labels (norm scale, position embedding): no channel flows here
     labels = ctx.combine(node, operands, letters)
-    sites = [op for op, bare in zip(ctx.last_operands, was_unlabelled, strict=True)
-             if bare and any(lab is not None and lab.full for lab in op.labels)]
+    sites = [
+        op
+        for op, bare in zip(ctx.last_operands, was_unlabelled, strict=True)
+        if bare and any(lab is not None and lab.full for lab in op.labels)
+    ]
     if mode == "add" and sites:
         for op in ctx.last_operands:
             if not any(op is s for s in sites):
@@ -153,8 +218,10 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
 
 
 def _zero_ok(mode: str, operands: list[Operand], bare: list[bool]) -> bool:
-    oks = [op.is_weight or (not b and all(lab is None or lab.zero_ok for lab in op.labels))
-           for op, b in zip(operands, bare, strict=True)]
+    oks = [
+        op.is_weight or (not b and all(lab is None or lab.zero_ok for lab in op.labels))
+        for op, b in zip(operands, bare, strict=True)
+    ]
     labelled = [ok for op, ok in zip(operands, oks, strict=True) if any(op.labels)]
     if mode == "mul":
         return any(labelled) if len(operands) > 1 else all(labelled)
@@ -302,7 +369,9 @@ def _drop_axes(ctx: Ctx, node: fx.Node, labels: Labels, drop: set[int]) -> Label
         lab = labels[a]
         if lab is None:
             continue
-        sibling = next((k for k, other in enumerate(out) if other is not None and other.space == lab.space), None)
+        sibling = next(
+            (k for k, other in enumerate(out) if other is not None and other.space == lab.space), None
+        )
         if sibling is None:
             block_input(ctx, node, "a single channel is selected out of its space")
             return None
@@ -397,7 +466,7 @@ def _select(ctx: Ctx, node: fx.Node) -> Labels | None:
     if labels[d] is None:
         return labels[:d] + labels[d + 1 :]
     picked = labels[d].with_arr(labels[d].arr[[index]])
-    return _drop_axes(ctx, node, labels[:d] + (picked,) + labels[d + 1 :], {d})
+    return _drop_axes(ctx, node, (*labels[:d], picked, *labels[d + 1:]), {d})
 
 
 def _pieces(ctx: Ctx, node: fx.Node, dim: int, bounds: list[tuple[int, int]]) -> list[Labels] | None:
@@ -448,7 +517,7 @@ def _unbind(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
     out = []
     for i in range(ctx.shape(node.args[0])[d]):
         picked = labels[d].with_arr(labels[d].arr[[i]]) if labels[d] is not None else None
-        dropped = _drop_axes(ctx, node, labels[:d] + (picked,) + labels[d + 1 :], {d})
+        dropped = _drop_axes(ctx, node, (*labels[:d], picked, *labels[d + 1:]), {d})
         if dropped is None:
             return None
         out.append(dropped)
@@ -609,8 +678,12 @@ def _block_if_reduced(ctx: Ctx, node: fx.Node, labels: Labels, axes: list[int], 
         extent = 1 + sum(int(np.ptp(labels[g].arr)) for g in gone)
         inner = bool(kept) and all(np.all(labels[k].arr % extent == 0) for k in kept)
         only = tuple(lab if lab is not None and lab.space == space else None for lab in labels)
-        ctx.block_labels(only, "channel" if inner else "all",
-                         f"{what} over a channel axis (removing channels would change it)", node)
+        ctx.block_labels(
+            only,
+            "channel" if inner else "all",
+            f"{what} over a channel axis (removing channels would change it)",
+            node,
+        )
     return hit
 
 
@@ -697,15 +770,20 @@ def _add_bias(ctx: Ctx, node: fx.Node, out: Labels, bias, path) -> Labels:
     letters = [f"o{k}" for k in range(len(out))]
     shape = ctx.shape(node)
     bshape = ctx.shape(bias)
-    ops = [Operand(out, shape, letters, None, False),
-           Operand(ctx.labels_or_none(bias), bshape, letters[len(letters) - len(bshape):], path,
-                   ctx.is_weight(bias))]
+    ops = [
+        Operand(out, shape, letters, None, False),
+        Operand(
+            ctx.labels_or_none(bias), bshape, letters[len(letters) - len(bshape) :], path, ctx.is_weight(bias)
+        ),
+    ]
     return ctx.combine(node, ops, letters)
 
 
 def _contract(ctx: Ctx, node: fx.Node, specs, out_letters: list[str]) -> Labels:
-    operands = [Operand(ctx.labels_or_none(a), ctx.shape(a), letters, path, ctx.is_weight(a))
-                for a, path, letters in specs]
+    operands = [
+        Operand(ctx.labels_or_none(a), ctx.shape(a), letters, path, ctx.is_weight(a))
+        for a, path, letters in specs
+    ]
     return ctx.combine(node, operands, out_letters)
 
 
@@ -721,7 +799,7 @@ def _matmul_letters(ra: int, rb: int) -> tuple[list[str], list[str], list[str]]:
         return [*batch, "m", "k"], ["k"], [*batch, "m"]
     nb = max(ra, rb) - 2
     batch = [f"b{k}" for k in range(nb)]
-    return [*batch[nb - (ra - 2):], "m", "k"], [*batch[nb - (rb - 2):], "k", "n"], [*batch, "m", "n"]
+    return [*batch[nb - (ra - 2) :], "m", "k"], [*batch[nb - (rb - 2) :], "k", "n"], [*batch, "m", "n"]
 
 
 @rule("aten::matmul", "aten::mm", "aten::bmm")
@@ -768,16 +846,24 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Labels:
     q, k, v = node.args[0], node.args[1], node.args[2]
     rank = len(ctx.shape(q))
     batch = [f"b{i}" for i in range(rank - 2)]
-    scores = _contract(ctx, node, [(q, (0,), [*batch, "l", "e"]), (k, (1,), [*batch, "s", "e"])],
-                       [*batch, "l", "s"])
+    scores = _contract(
+        ctx, node, [(q, (0,), [*batch, "l", "e"]), (k, (1,), [*batch, "s", "e"])], [*batch, "l", "s"]
+    )
     score_shape = [*ctx.shape(q)[:-1], ctx.shape(k)[-2]]
     mask = arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         mshape = ctx.shape(mask)
         letters = [*batch, "l", "s"]
-        ops = [Operand(scores, score_shape, letters, None, False),
-               Operand(ctx.labels_or_none(mask), mshape, letters[len(letters) - len(mshape):],
-                       (3,) if len(node.args) > 3 else ("kw", "attn_mask"), False)]
+        ops = [
+            Operand(scores, score_shape, letters, None, False),
+            Operand(
+                ctx.labels_or_none(mask),
+                mshape,
+                letters[len(letters) - len(mshape) :],
+                (3,) if len(node.args) > 3 else ("kw", "attn_mask"),
+                False,
+            ),
+        ]
         scores = ctx.combine(node, ops, letters)
     probs = Operand(scores, score_shape, [*batch, "l", "s"], None, False)
     value = Operand(ctx.labels_or_none(v), ctx.shape(v), [*batch, "s", "v"], (2,), ctx.is_weight(v))
@@ -789,4 +875,4 @@ def _hidden_origin(ctx: Ctx, node: fx.Node) -> None:
     data = node.args[1] if schema_name(node.target) == "aten::embedding" else node.args[0]
     if ctx.lab(data) is not None and any(ctx.lab(data)):
         block_input(ctx, node, f"{schema_name(node.target)} consumes channel-carrying input")
-    return None
+    return

@@ -31,13 +31,15 @@ def keep_count(n: int, sparsity: float, round_to: int) -> int:
     ``round_to`` when ``n`` is a larger multiple of it, at least 1."""
     target = (1.0 - sparsity) * n
     if round_to > 1 and n % round_to == 0 and n > round_to:
-        kept = int(round(target / round_to)) * round_to
+        kept = max(round_to, round(target / round_to) * round_to)
     else:
-        kept = int(round(target))
+        kept = round(target)
     return max(1, min(n, kept))
 
 
-def plan_group(group: CoupledUnits, scores: np.ndarray, facts: CouplingFacts, settings: PlanSettings) -> np.ndarray:
+def plan_group(
+    group: CoupledUnits, scores: np.ndarray, facts: CouplingFacts, settings: PlanSettings
+) -> np.ndarray:
     """Boolean keep flag per unit of ``group``."""
     if settings.sparsity == 0.0:
         return np.ones(len(group.units), dtype=bool)
@@ -75,7 +77,8 @@ def _plan_blocks(group, scores, facts, settings) -> np.ndarray:
             block_total[code] = block_total.get(code, 0) + c
     n_block = max(block_total.values())
     target = keep_count(n_block, settings.sparsity, settings.round_to)
-    for t in range(target, 0, -1):
+    # step down from the target; if nothing that small fits (a rotary pair is 2 wide), step up
+    for t in [*range(target, 0, -1), *range(target + 1, n_block + 1)]:
         keep = np.zeros(len(group.units), dtype=bool)
         if all(_fill(members, widths, scores, t, keep) for members in families.values()):
             return keep

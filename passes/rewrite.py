@@ -80,8 +80,9 @@ def _slice_parameters(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
         owner = gm.get_submodule(owner_name) if owner_name else gm
         old = getattr(owner, leaf)
         index = torch.as_tensor(_kept(space, keep), device=old.device)
-        new = torch.nn.Parameter(old.detach().index_select(space.dim, index).clone(),
-                                 requires_grad=old.requires_grad)
+        new = torch.nn.Parameter(
+            old.detach().index_select(space.dim, index).clone(), requires_grad=old.requires_grad
+        )
         setattr(owner, leaf, new)
 
 
@@ -96,8 +97,9 @@ def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
         kept = _kept(space, keep)
         with gm.graph.inserting_before(node):
             if len(kept) and np.array_equal(kept, np.arange(kept[0], kept[0] + len(kept))):
-                gathered = gm.graph.call_function(aten.slice.Tensor, (operand, axis, int(kept[0]),
-                                                                      int(kept[0] + len(kept))))
+                gathered = gm.graph.call_function(
+                    aten.slice.Tensor, (operand, axis, int(kept[0]), int(kept[0] + len(kept)))
+                )
             else:
                 buf = f"_ecospa_keep_{space.id}"
                 gm.register_buffer(buf, torch.as_tensor(kept, dtype=torch.long), persistent=False)
@@ -182,7 +184,9 @@ def _patch_unflatten(analysis, node, keep) -> None:
     sizes = _sizes_after(analysis, node, keep)
     d = norm_dim(node.args[1], len(_shape(node.args[0])))
     n = len(node.args[2])
-    node.update_arg(2, [s if lit != -1 else -1 for s, lit in zip(sizes[d : d + n], node.args[2], strict=True)])
+    node.update_arg(
+        2, [s if lit != -1 else -1 for s, lit in zip(sizes[d : d + n], node.args[2], strict=True)]
+    )
 
 
 def _patch_slice(analysis, node, keep) -> None:

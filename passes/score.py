@@ -30,7 +30,9 @@ def channel_norms(facts: CouplingFacts, params: dict[str, torch.Tensor], spaces:
     return out
 
 
-def coupled_magnitude(group: CoupledUnits, facts: CouplingFacts, params: dict[str, torch.Tensor]) -> np.ndarray:
+def coupled_magnitude(
+    group: CoupledUnits, facts: CouplingFacts, params: dict[str, torch.Tensor]
+) -> np.ndarray:
     """One score per unit of ``group`` (see module docstring)."""
     sq = channel_norms(facts, params, group.spaces)
     owner = np.empty(facts.n_channels, dtype=np.int64)

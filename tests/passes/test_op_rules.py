@@ -1,0 +1,298 @@
+"""Op rules (``passes.op_rules``) on tiny exported graphs: what couples, what blocks, and that unknown ops
+fail closed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passes.capture import capture
+from passes.dataflow import analyse
+from passes.groups import build_groups
+
+
+def discover(model: nn.Module, *inputs: torch.Tensor, granularity: str = "channel"):
+    torch.manual_seed(0)
+    gm = capture(model, inputs)
+    analysis = analyse(gm)
+    return analysis, build_groups(analysis.facts, granularity)
+
+
+def space(facts, param: str, dim: int):
+    return next(s for s in facts.spaces if s.param == param and s.dim == dim)
+
+
+def members(facts, group) -> set[tuple[str, int]]:
+    spaces = [facts.spaces[s] for s in group.spaces]
+    return {(sp.param, sp.dim) for sp in spaces if not sp.is_virtual}
+
+
+def groups_touching(facts, groups, param: str, dim: int = 0):
+    sp = space(facts, param, dim)
+    return [g for g in groups if sp.id in g.spaces]
+
+
+class FFN(nn.Module):
+    """x + down(mid(up(x))) with a pluggable ``mid`` between the two projections."""
+
+    def __init__(self, mid, width: int = 8, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+        self.mid = mid
+
+    def forward(self, x):
+        return x + self.down(self.mid(self.up(x)))
+
+
+X = torch.randn(2, 3, 8)
+
+
+# ---------------------------------------------------------------------------------- fail closed
+def test_control_elementwise_activation_gives_a_prunable_ffn_group():
+    analysis, groups = discover(FFN(F.gelu), X)
+    (ffn,) = [g for g in groups if g.kind == "ffn"]
+    assert ffn.prunable
+    assert members(analysis.facts, ffn) == {("up.weight", 0), ("up.bias", 0), ("down.weight", 1)}
+
+
+@pytest.mark.parametrize(
+    ("mid", "op"),
+    [
+        (lambda h: torch.cumsum(h, -1), "aten::cumsum"),
+        (lambda h: torch.sort(h, -1).values, "aten::sort"),
+        (lambda h: torch.flip(h, [-1]), "aten::flip"),
+    ],
+    ids=["cumsum", "sort", "flip"],
+)
+def test_unknown_op_between_projections_fails_closed(mid, op):
+    analysis, groups = discover(FFN(mid), X)
+    assert not [g for g in groups if g.kind == "ffn" and g.prunable]
+    up_groups = groups_touching(analysis.facts, groups, "up.weight")
+    assert up_groups, "the up projection's channels must still be reported (as skipped)"
+    for group in up_groups:
+        assert not group.prunable
+        assert any(op in reason and "unknown op" in reason for reason in group.reasons), group.reasons
+
+
+@pytest.mark.parametrize(
+    ("mid", "reason"),
+    [
+        (lambda h: torch.softmax(h, -1), "softmax over a channel axis"),
+        (lambda h: h - h.mean(-1, keepdim=True), "aten::mean over a channel axis"),
+        (lambda h: h / h.norm(dim=-1, keepdim=True), "over a channel axis"),
+    ],
+    ids=["softmax", "mean", "norm"],
+)
+def test_normalising_over_channel_axis_blocks(mid, reason):
+    analysis, groups = discover(FFN(mid), X)
+    up_groups = groups_touching(analysis.facts, groups, "up.weight")
+    assert up_groups
+    for group in up_groups:
+        assert not group.prunable
+        assert any(reason in r for r in group.reasons), group.reasons
+
+
+def test_sum_over_channel_axis_is_a_sink_not_a_blocker():
+    """Summing channels is exact (removed channels contribute 0): the group stays prunable."""
+
+    class SumHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return x + F.relu(self.up(x)).sum(-1, keepdim=True)
+
+    analysis, groups = discover(SumHead(), X)
+    (group,) = groups_touching(analysis.facts, groups, "up.weight")
+    assert group.kind == "ffn" and group.prunable
+
+
+class InPlace(nn.Module):
+    def __init__(self, other_reader: bool):
+        super().__init__()
+        self.other_reader = other_reader
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = F.relu(self.up(x))
+        if self.other_reader:
+            g = h * 2
+            h.add_(1.0)
+            return self.down(h) + self.down(g)
+        h.mul_(2.0)
+        return self.down(h)
+
+
+def test_inplace_op_with_another_reader_blocks():
+    analysis, groups = discover(InPlace(other_reader=True), X)
+    (group,) = groups_touching(analysis.facts, groups, "up.weight")
+    assert not group.prunable
+    assert any("in-place op on a tensor that has other readers" in r for r in group.reasons)
+
+
+def test_inplace_op_with_single_reader_is_exact():
+    analysis, groups = discover(InPlace(other_reader=False), X)
+    (group,) = groups_touching(analysis.facts, groups, "up.weight")
+    assert group.kind == "ffn" and group.prunable
+
+
+def test_reshape_that_mixes_channels_blocks():
+    """view [2, 3] -> transpose -> view [2, 3]: no per-axis label can describe the result."""
+
+    class Scramble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(8, 6)
+            self.down = nn.Linear(6, 8)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            h = self.up(x).view(b, n, 2, 3).transpose(-1, -2).reshape(b, n, 2, 3).reshape(b, n, 6)
+            return self.down(h)
+
+    analysis, groups = discover(Scramble(), X)
+    up_groups = groups_touching(analysis.facts, groups, "up.weight")
+    assert up_groups and not any(g.prunable for g in up_groups)
+    assert any("reshape mixes channels" in r for g in up_groups for r in g.reasons)
+
+
+# ---------------------------------------------------------------------------------- layout
+def test_view_into_heads_labels_head_and_channel_axes():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 12)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            return self.q(x).view(b, n, 3, 4).sum(-1)
+
+    analysis, _ = discover(Heads(), X)
+    q = space(analysis.facts, "q.weight", 0)
+    (view,) = [n for n in analysis.graph_module.graph.nodes if n.target == torch.ops.aten.view.default]
+    labels = analysis.labels[view.name]
+    assert labels[0] is None and labels[1] is None
+    assert labels[2].space == q.id and labels[3].space == q.id
+    np.testing.assert_array_equal(labels[2].arr, [0, 4, 8])
+    np.testing.assert_array_equal(labels[3].arr, [0, 1, 2, 3])
+    assert analysis.facts.block_size[q.id] == 4
+
+
+# ---------------------------------------------------------------------------------- attention
+H, KV, HD, E = 4, 2, 4, 16
+
+
+class EinsumAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(E, H * HD)
+        self.k = nn.Linear(E, H * HD)
+        self.v = nn.Linear(E, H * HD)
+        self.o = nn.Linear(H * HD, E)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, H, HD)
+        k = self.k(x).view(b, n, H, HD)
+        v = self.v(x).view(b, n, H, HD)
+        probs = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1)
+        y = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, H * HD)
+        return x + self.o(y)
+
+
+def test_einsum_attention_gives_qk_and_vo_groups():
+    analysis, groups = discover(EinsumAttention(), torch.randn(2, 5, E))
+    facts = analysis.facts
+    by_kind = {g.kind: g for g in groups if g.prunable}
+    assert set(by_kind) == {"qk", "vo"}
+    qk, vo = by_kind["qk"], by_kind["vo"]
+    assert members(facts, qk) == {("q.weight", 0), ("q.bias", 0), ("k.weight", 0), ("k.bias", 0)}
+    assert members(facts, vo) == {("v.weight", 0), ("v.bias", 0), ("o.weight", 1)}
+    assert len(qk.units) == H * HD and len(vo.units) == H * HD
+    q, k = space(facts, "q.weight", 0), space(facts, "k.weight", 0)
+    v, o = space(facts, "v.weight", 0), space(facts, "o.weight", 1)
+    for unit in qk.units:  # q channel (h, d) goes with k channel (h, d)
+        q_ids = unit[(unit >= q.offset) & (unit < q.offset + q.size)] - q.offset
+        k_ids = unit[(unit >= k.offset) & (unit < k.offset + k.size)] - k.offset
+        assert len(q_ids) == 1 and q_ids.tolist() == k_ids.tolist()
+    for unit in vo.units:  # v row i goes with o column i
+        v_ids = unit[(unit >= v.offset) & (unit < v.offset + v.size)] - v.offset
+        o_ids = unit[(unit >= o.offset) & (unit < o.offset + o.size)] - o.offset
+        assert len(v_ids) == 1 and v_ids.tolist() == o_ids.tolist()
+
+
+class SdpaGqa(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(E, H * HD, bias=False)
+        self.k = nn.Linear(E, KV * HD, bias=False)
+        self.v = nn.Linear(E, KV * HD, bias=False)
+        self.o = nn.Linear(H * HD, E, bias=False)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, H, HD).transpose(1, 2)
+        k = self.k(x).view(b, n, KV, HD).transpose(1, 2)
+        v = self.v(x).view(b, n, KV, HD).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return x + self.o(y.transpose(1, 2).reshape(b, n, H * HD))
+
+
+def test_sdpa_enable_gqa_ties_query_head_to_its_kv_head():
+    analysis, _ = discover(SdpaGqa(), torch.randn(2, 5, E))
+    facts = analysis.facts
+    q, k = space(facts, "q.weight", 0), space(facts, "k.weight", 0)
+    rep = H // KV
+    found = set()
+    for a, b in facts.ties["aligned"]:
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
+            if q.offset <= y < q.offset + q.size:
+                x, y = y, x
+            if q.offset <= x < q.offset + q.size and k.offset <= y < k.offset + k.size:
+                found.add((x - q.offset, y - k.offset))
+    expected = {(h * HD + d, (h // rep) * HD + d) for h in range(H) for d in range(HD)}
+    assert found == expected
+
+
+def test_sdpa_enable_gqa_vo_units_span_the_query_heads_of_one_kv_head():
+    analysis, groups = discover(SdpaGqa(), torch.randn(2, 5, E))
+    facts = analysis.facts
+    (vo,) = [g for g in groups if g.kind == "vo"]
+    assert vo.prunable
+    v, o = space(facts, "v.weight", 0), space(facts, "o.weight", 1)
+    rep = H // KV
+    expected = sorted(
+        sorted([v.offset + g * HD + d] + [o.offset + h * HD + d for h in range(g * rep, (g + 1) * rep)])
+        for g in range(KV)
+        for d in range(HD)
+    )
+    assert sorted(sorted(u.tolist()) for u in vo.units) == expected
+
+
+class _SigmoidScores(nn.Module):
+    """scores = sigmoid(q) @ sigmoid(k)^T with no softmax: sigmoid(0) != 0 on both sides, so removing a
+    channel is not the same as zeroing it upstream (the f(0) == 0 rule must block the qk group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+        self.k = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.sigmoid(self.q(x)) @ torch.sigmoid(self.k(x)).transpose(-2, -1)
+
+
+def test_contraction_of_non_zero_preserving_sides_blocks():
+
+    x = torch.randn(2, 5, 16)
+    groups = build_groups(analyse(capture(_SigmoidScores().eval(), (x,))).facts, "channel")
+    qk = [g for g in groups if g.kind == "qk"]
+    assert qk and all(not g.prunable for g in qk)
+    assert any("f(0) != 0" in r for g in qk for r in g.reasons)
