@@ -81,23 +81,27 @@ def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
             tied[a] = tied[b] = True
     chans = np.flatnonzero(tied | flags["produced"])
     chans = chans[np.argsort(comp[chans], kind="stable")]
-    _unit_ids, starts = np.unique(comp[chans], return_index=True)
+    _, starts = np.unique(comp[chans], return_index=True)
     units = np.split(chans, starts[1:])
     kinds = _unit_kinds(flags, chans, starts, granularity)
+    kind_ids = {k: i for i, k in enumerate(sorted(set(kinds)))}
+    unit_of_chan = np.repeat(np.arange(len(units)), np.diff(np.append(starts, len(chans))))
+    kind_of_unit = np.array([kind_ids[k] for k in kinds], dtype=np.int64)
+    # space-level graph: node (kind, space); a unit links every space it touches to its first one
+    unit_space = np.unique(np.stack([unit_of_chan, owner[chans]], axis=1), axis=0)
+    first_space = np.full(len(units), -1, dtype=np.int64)
+    first_space[unit_space[::-1, 0]] = unit_space[::-1, 1]
+    links = np.unique(np.stack([kind_of_unit[unit_space[:, 0]], first_space[unit_space[:, 0]],
+                                unit_space[:, 1]], axis=1), axis=0)
     graph = nx.Graph()
-    graph.add_nodes_from(("unit", i) for i in range(len(units)))
-    pairs = np.unique(
-        np.stack(
-            [np.repeat(np.arange(len(units)), np.diff(np.append(starts, len(chans)))), owner[chans]], axis=1
-        ),
-        axis=0,
-    )
-    graph.add_edges_from((("unit", int(u)), ("space", kinds[u], int(sp))) for u, sp in pairs)
+    graph.add_edges_from(((int(k), int(a)), (int(k), int(b))) for k, a, b in links)
+    component = {node: i for i, nodes in enumerate(nx.connected_components(graph)) for node in nodes}
+    members: dict[int, list[int]] = {}
+    for u in range(len(units)):
+        members.setdefault(component[(int(kind_of_unit[u]), int(first_space[u]))], []).append(u)
     groups = []
-    for nodes in nx.connected_components(graph):
-        members = [units[n[1]] for n in nodes if n[0] == "unit"]
-        kind = kinds[next(n[1] for n in nodes if n[0] == "unit")]
-        group = _make_group(facts, flags, owner, members, kind, granularity)
+    for unit_list in members.values():
+        group = _make_group(facts, flags, owner, [units[u] for u in unit_list], kinds[unit_list[0]], granularity)
         if group is not None:
             groups.append(group)
     groups.sort(key=lambda g: int(g.channels.min()))
