@@ -1,6 +1,7 @@
 """ecospa_fx: coupled structured compression of transformers as a torch.export / FX pass."""
 
 from ecospa_fx.api import compress, discover
+from ecospa_fx.artifact import load, save
 from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
 from ecospa_fx.report import Group, Member, Report, Skipped
@@ -17,5 +18,7 @@ __all__ = [
     "VerificationError",
     "compress",
     "discover",
+    "load",
+    "save",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ecospa_fx.artifact import source_info
 from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
 from ecospa_fx.report import Group, Member, Report, Skipped
@@ -56,6 +57,7 @@ def compress(
         _verify(model, compressed, inputs, report, config.atol, config.rtol)
     compressed.ecospa_report = report
     compressed.report = report
+    compressed.ecospa_source = source_info(model, inputs)
     return compressed
 
 

@@ -1,0 +1,130 @@
+"""Save and load compressed models as safetensors + JSON (no pickle anywhere).
+
+An artifact directory holds:
+
+- ``model.safetensors``: the compressed module's state (parameters and buffers, original names);
+- ``ecospa.json``: the plan (every removed index per parameter dimension), the granularity, the example
+  input specs, and for Hugging Face models the source class and config.
+
+Loading rebuilds the architecture (from the saved Hugging Face config, or from a fresh ``model`` the
+caller passes), replays capture and discovery on it, applies the saved plan with the same rewrite, and
+loads the saved tensors. The result computes exactly what the saved model computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ecospa_fx.errors import InputError
+from passes.capture import capture
+from passes.dataflow import analyse
+from passes.groups import unit_components
+from passes.rewrite import apply_plan
+
+FORMAT_VERSION = 1
+WEIGHTS, PLAN = "model.safetensors", "ecospa.json"
+
+
+def save(compressed: torch.nn.Module, path: str | Path) -> Path:
+    """Write ``compressed`` (what ``ecospa_fx.compress`` returned) to the directory ``path``."""
+    report = getattr(compressed, "ecospa_report", None)
+    source = getattr(compressed, "ecospa_source", None)
+    if report is None or source is None:
+        raise InputError("save() takes the module returned by ecospa_fx.compress")
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create {out}: {err.strerror}") from None
+    state = {k: v.detach().contiguous().clone() for k, v in compressed.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    plan = {
+        "format": FORMAT_VERSION,
+        "granularity": report.granularity,
+        "sparsity": report.sparsity,
+        "removed": [[name, dim, list(idx)] for (name, dim), idx in sorted(report.removed.items())],
+        "inputs": source["inputs"],
+        "hf_class": source.get("hf_class"),
+        "hf_config": source.get("hf_config"),
+    }
+    (out / PLAN).write_text(json.dumps(plan, indent=1))
+    return out
+
+
+def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.fx.GraphModule:
+    """Rebuild a saved compressed model. ``model``: a freshly built instance of the original
+    architecture (any weights); optional for Hugging Face models, whose config was saved."""
+    root = Path(path)
+    if not (root / PLAN).is_file() or not (root / WEIGHTS).is_file():
+        raise InputError(f"{root} is not an ecospa_fx artifact (expected {PLAN} and {WEIGHTS})")
+    plan = json.loads((root / PLAN).read_text())
+    if plan.get("format") != FORMAT_VERSION:
+        raise InputError(f"unsupported artifact format {plan.get('format')!r}")
+    model = model if model is not None else _rebuild_hf(plan)
+    inputs = tuple(_example(spec) for spec in plan["inputs"])
+    gm = capture(model, inputs)
+    analysis = analyse(gm)
+    keep = _keep_mask(analysis.facts, plan["removed"], plan["granularity"])
+    apply_plan(gm, analysis, keep)
+    state = load_file(str(root / WEIGHTS))
+    missing, unexpected = gm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"artifact does not match the architecture: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return gm
+
+
+def source_info(model: torch.nn.Module, inputs: tuple) -> dict[str, Any]:
+    """What ``save`` needs to rebuild the architecture later (recorded by ``compress``)."""
+    info: dict[str, Any] = {"inputs": [_spec(x) for x in inputs]}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and type(model).__module__.startswith("transformers"):
+        info["hf_class"] = type(model).__name__
+        info["hf_config"] = config.to_dict()
+    return info
+
+
+def _spec(x: Any) -> dict[str, Any]:
+    if not isinstance(x, torch.Tensor):
+        raise InputError("save() supports tensor example inputs only")
+    return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+
+
+def _example(spec: dict[str, Any]) -> torch.Tensor:
+    dtype = getattr(torch, spec["dtype"])
+    if dtype.is_floating_point:
+        return torch.zeros(spec["shape"], dtype=dtype)
+    return torch.ones(spec["shape"], dtype=dtype)
+
+
+def _rebuild_hf(plan: dict[str, Any]) -> torch.nn.Module:
+    if not plan.get("hf_class"):
+        raise InputError("this artifact was not made from a Hugging Face model: pass model=<fresh instance>")
+    import transformers
+
+    cls = getattr(transformers, plan["hf_class"], None)
+    if cls is None:
+        raise InputError(f"transformers has no class {plan['hf_class']}")
+    config = cls.config_class.from_dict(plan["hf_config"])
+    return cls(config).eval()
+
+
+def _keep_mask(facts, removed: list, granularity: str) -> np.ndarray:
+    """Keep mask over all channels: a unit goes when any of its channels was recorded as removed."""
+    keep = np.ones(facts.n_channels, dtype=bool)
+    spaces = {(s.param, s.dim): s for s in facts.spaces if not s.is_virtual}
+    for name, dim, idx in removed:
+        space = spaces.get((name, dim))
+        if space is None:
+            raise InputError(f"artifact removes channels of {name}[{dim}], which this architecture lacks")
+        keep[space.offset + np.asarray(idx, dtype=np.int64)] = False
+    comp = unit_components(facts, granularity)
+    gone = np.unique(comp[~keep])
+    keep[np.isin(comp, gone)] = False
+    return keep
