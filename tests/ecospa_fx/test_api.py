@@ -69,7 +69,7 @@ def test_dict_and_bad_inputs(llama):
         ecospa_fx.compress(model, {"input_ids": inputs[0]})
     with pytest.raises(InputError, match="tuple"):
         ecospa_fx.compress(model, ())
-    with pytest.raises(InputError, match="nn.Module"):
+    with pytest.raises(InputError, match=r"nn\.Module"):
         ecospa_fx.compress(lambda x: x, inputs)
 
 
@@ -95,7 +95,7 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_reports_export_error():
-    with pytest.raises(CaptureError, match="torch.export could not trace Untraceable"):
+    with pytest.raises(CaptureError, match=r"torch\.export could not trace Untraceable"):
         ecospa_fx.compress(Untraceable(), (torch.randn(2, 4),))
 
 
