@@ -26,10 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=10)
     demo.add_argument("--json", action="store_true", help="print results as JSON")
     inspect = sub.add_parser("inspect", help="show the coupled groups of a local Hugging Face model")
-    inspect.add_argument("model_dir", type=Path)
-    inspect.add_argument("--seq", type=int, default=16)
-    inspect.add_argument("--granularity", choices=["channel", "head"], default="channel")
+    _model_args(inspect)
+    comp = sub.add_parser("compress", help="compress a local Hugging Face model and save the artifact")
+    _model_args(comp)
+    comp.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group removed")
+    comp.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    comp.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", type=Path, help="local Hugging Face model directory (no hub access)")
+    p.add_argument("--gguf-file", help="GGUF file inside model_dir, loaded as transformers does")
+    p.add_argument("--seq", type=int, default=16, help="example sequence length")
+    p.add_argument("--batch", type=int, default=1, help="example batch size")
+    p.add_argument("--granularity", choices=["channel", "head"], default="channel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args, console)
         if args.command == "inspect":
             return _inspect(args, console)
+        if args.command == "compress":
+            return _compress(args, console)
     except (EcospaError, OSError, ValueError) as err:
         if args.debug:
             raise
@@ -86,22 +99,63 @@ def _demo(args, console: Console) -> int:
     return EXIT_OK
 
 
-def _inspect(args, console: Console) -> int:
+def load_local_model(model_dir: Path, gguf_file: str | None = None):
+    """A causal LM (or any AutoModel) from a local directory, eval mode, fp32, no KV cache."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    if not model_dir.exists():
+        raise EcospaError(f"{model_dir} does not exist: pass a local Hugging Face model directory")
+    if not model_dir.is_dir():
+        raise EcospaError(f"{model_dir} is not a directory: pass a local Hugging Face model directory")
+    kwargs = {"gguf_file": gguf_file, "dtype": torch.float32} if gguf_file else {}
+    if not gguf_file and not (model_dir / "config.json").exists():
+        raise EcospaError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, **({"gguf_file": gguf_file} if gguf_file else {}))
+        if hasattr(config, "use_cache"):
+            config.use_cache = False
+        auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
+        model = auto.from_pretrained(model_dir, config=config, **kwargs).eval()
+    except (OSError, ValueError, KeyError) as err:
+        raise EcospaError(f"transformers cannot load {model_dir}: {str(err).splitlines()[0]}") from err
+    return model, config
+
+
+def _example_ids(config, batch: int, seq: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, getattr(config, "vocab_size", 100), (batch, seq), generator=generator),)
+
+
+def _inspect(args, console: Console) -> int:
     import ecospa_fx
 
-    if not args.model_dir.is_dir():
-        raise EcospaError(f"{args.model_dir} is not a directory: pass a local Hugging Face model directory")
-    if not (args.model_dir / "config.json").exists():
-        raise EcospaError(f"{args.model_dir} has no config.json: not a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(args.model_dir)
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    model = AutoModel.from_pretrained(args.model_dir, config=config).eval()
-    ids = torch.randint(0, getattr(config, "vocab_size", 100), (1, args.seq))
-    console.print(ecospa_fx.discover(model, (ids,), granularity=args.granularity).summary())
+    model, config = load_local_model(args.model_dir, args.gguf_file)
+    report = ecospa_fx.discover(model, _example_ids(config, args.batch, args.seq), granularity=args.granularity)
+    console.print(report.summary(), markup=False, highlight=False)
+    return EXIT_OK
+
+
+def _compress(args, console: Console) -> int:
+    import ecospa_fx
+    from ecospa_fx.figure import write_figure
+
+    model, config = load_local_model(args.model_dir, args.gguf_file)
+    with console.status(f"compressing {args.model_dir.name} at sparsity {args.sparsity}"):
+        compressed = ecospa_fx.compress(model, _example_ids(config, args.batch, args.seq), args.sparsity,
+                                        granularity=args.granularity)
+    out = ecospa_fx.save(compressed, args.out)
+    figure = write_figure(compressed.ecospa_report, out / "report.html", title=args.model_dir.name)
+    report = compressed.ecospa_report
+    if args.json:
+        print(json.dumps({"artifact": str(out), "figure": str(figure), "params_before": report.params_before,
+                          "params_after": report.params_after, "max_abs_diff": report.max_abs_diff,
+                          "groups": {k: report.count(k) for k in ("qk", "vo", "ffn", "head")}}))
+    else:
+        console.print(report.summary(), markup=False, highlight=False)
+        console.print(f"artifact: {out}  figure: {figure}")
     return EXIT_OK
 
 
