@@ -102,7 +102,9 @@ def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
                 )
             else:
                 buf = f"_ecospa_keep_{space.id}"
-                gm.register_buffer(buf, torch.as_tensor(kept, dtype=torch.long), persistent=False)
+                val = operand.meta.get("val") if isinstance(operand, fx.Node) else None
+                device = val.device if isinstance(val, torch.Tensor) and not val.is_meta else "cpu"
+                gm.register_buffer(buf, torch.as_tensor(kept, dtype=torch.long, device=device), persistent=False)
                 index = gm.graph.get_attr(buf)
                 gathered = gm.graph.call_function(aten.index_select.default, (operand, axis, index))
         _set_arg(node, path, gathered)
