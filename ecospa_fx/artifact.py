@@ -37,6 +37,8 @@ def save(compressed: torch.nn.Module, path: str | Path) -> Path:
     source = getattr(compressed, "ecospa_source", None)
     if report is None or source is None:
         raise InputError("save() takes the module returned by ecospa_fx.compress")
+    if source["inputs"] is None:
+        raise InputError("save() supports models whose example inputs are all tensors")
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,8 @@ def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.fx.Gra
 
 def source_info(model: torch.nn.Module, inputs: tuple) -> dict[str, Any]:
     """What ``save`` needs to rebuild the architecture later (recorded by ``compress``)."""
-    info: dict[str, Any] = {"inputs": [_spec(x) for x in inputs]}
+    tensors = all(isinstance(x, torch.Tensor) for x in inputs)
+    info: dict[str, Any] = {"inputs": [_spec(x) for x in inputs] if tensors else None}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict") and type(model).__module__.startswith("transformers"):
         info["hf_class"] = type(model).__name__
@@ -90,9 +93,7 @@ def source_info(model: torch.nn.Module, inputs: tuple) -> dict[str, Any]:
     return info
 
 
-def _spec(x: Any) -> dict[str, Any]:
-    if not isinstance(x, torch.Tensor):
-        raise InputError("save() supports tensor example inputs only")
+def _spec(x: torch.Tensor) -> dict[str, Any]:
     return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
 
 

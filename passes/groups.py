@@ -104,13 +104,24 @@ def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
         group = _make_group(facts, flags, owner, [units[u] for u in unit_list], kinds[unit_list[0]], granularity)
         if group is not None:
             groups.append(group)
+    _attach_blocking_reasons(facts, groups, granularity)
     groups.sort(key=lambda g: int(g.channels.min()))
     return groups
 
 
+KIND_NAMES = ("hidden", "head", "qk", "vo", "ffn", "other")
+
+
 def _unit_kinds(flags, chans: np.ndarray, starts: np.ndarray, granularity: str) -> list[str]:
+    """Kind of every unit from the flags on its channels, first match wins: added to the residual stream
+    -> hidden; scored and carried through attention at head granularity -> head; contracted against
+    another activation -> qk; carried through attention -> vo; contracted by a weight or summed -> ffn."""
     has = {name: np.logical_or.reduceat(mask[chans], starts) for name, mask in flags.items()}
-    return [_kind({name: bool(v[i]) for name, v in has.items()}, granularity) for i in range(len(starts))]
+    head = has["score"] & has["value"] if granularity == "head" else np.zeros_like(has["score"])
+    code = np.select(
+        [has["residual"], head, has["score"], has["value"], has["param_sink"] | has["sum_sink"]],
+        [0, 1, 2, 3, 4], default=5)
+    return [KIND_NAMES[c] for c in code.tolist()]
 
 
 def _make_group(facts, flags, owner, units, kind, granularity) -> CoupledUnits | None:
@@ -124,34 +135,21 @@ def _make_group(facts, flags, owner, units, kind, granularity) -> CoupledUnits |
         group.reasons.append("hidden (residual) dimension: off by default (norms over it make it inexact)")
     if granularity == "head" and kind in ("qk", "vo"):
         group.reasons.append("not whole heads at head granularity (e.g. K/V shared by every query head)")
-    group.reasons.extend(_blocking_reasons(facts, channels, granularity))
     return group
 
 
-def _kind(has: dict[str, bool], granularity: str) -> str:
-    if has["residual"]:
-        return "hidden"
-    if granularity == "head" and has["score"] and has["value"]:
-        return "head"
-    if has["score"]:
-        return "qk"
-    if has["value"]:
-        return "vo"
-    if has["param_sink"] or has["sum_sink"]:
-        return "ffn"
-    return "other"
-
-
-def _blocking_reasons(facts: CouplingFacts, channels: np.ndarray, granularity: str) -> list[str]:
-    reasons = []
+def _attach_blocking_reasons(facts: CouplingFacts, groups: list[CoupledUnits], granularity: str) -> None:
+    """Give every group the reasons of the blockers (at this granularity) that touch its channels."""
+    group_of = np.full(facts.n_channels, -1, dtype=np.int64)
+    for gi, group in enumerate(groups):
+        group_of[group.channels] = gi
     for blocker in facts.blockers:
         if blocker.scope not in ("all", granularity):
             continue
-        if np.isin(blocker.channels, channels).any():
-            text = f"{blocker.reason} (node {blocker.node})"
-            if text not in reasons:
-                reasons.append(text)
-    return reasons
+        text = f"{blocker.reason} (node {blocker.node})"
+        for gi in np.unique(group_of[blocker.channels]):
+            if gi >= 0 and text not in groups[gi].reasons:
+                groups[gi].reasons.append(text)
 
 
 def orphan_blockers(facts: CouplingFacts, groups: list[CoupledUnits]) -> list[tuple[str, tuple[str, ...]]]:
