@@ -17,9 +17,9 @@ from passes.capture import CaptureFailed, CaptureInputError, capture, check_inpu
 from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
 from passes.groups import CoupledUnits, build_groups, orphan_blockers
-from passes.plan import PlanSettings, plan_group
+from passes.importance import CRITERIA, ScoreInputs, score_groups
+from passes.plan import PlanSettings, plan_groups, unit_costs
 from passes.rewrite import RewriteError, apply_plan, preflight
-from passes.score import coupled_magnitude
 from passes.verify import oracle_diff
 
 
@@ -30,21 +30,29 @@ def compress(
     *,
     config: CompressConfig | None = None,
     dynamic_shapes: Any = None,
+    calibration: Any = None,
+    loss_fn: Any = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Remove coupled channels from ``model``; return a smaller module computing the pruned function.
 
     The result is a ``torch.fx.GraphModule`` called with the same positional inputs as ``model``; its
     report is ``result.ecospa_report`` (also ``result.report``). ``model`` is not modified. Options are the
-    fields of ``CompressConfig`` (granularity, kinds, round_to, importance, verify, atol, rtol).
+    fields of ``CompressConfig`` (granularity, kinds, round_to, importance, allocation, budget,
+    max_sparsity, across_kinds, seed, verify, atol, rtol).
+
+    calibration: batches of positional inputs shaped like ``example_inputs`` (needed by
+        importance="activation" and "fisher"); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher").
     """
     config = config or CompressConfig(sparsity=sparsity, **options)
+    batches = _calibration(model, config, calibration, loss_fn)
     inputs = _checked(model, example_inputs)
     gm = _capture(model, inputs, dynamic_shapes)
     analysis = analyse(gm)
     groups = build_groups(analysis.facts, config.granularity)
     params = dict(gm.named_parameters(remove_duplicate=False))
-    keep, report = _plan(groups, analysis.facts, params, config)
+    score_inputs = ScoreInputs(gm, analysis.facts, params, analysis.labels, batches, loss_fn, config.seed)
+    keep, report = _plan(groups, analysis.facts, params, config, score_inputs)
     keep = _reconcile(groups, analysis, keep, report)
     compressed = copy.deepcopy(gm)
     try:
@@ -54,7 +62,7 @@ def compress(
     report.params_before = _count(gm)
     report.params_after = _count(compressed)
     if config.verify:
-        _verify(model, compressed, inputs, report, config.atol, config.rtol)
+        _verify(gm, compressed, inputs, report, config.atol, config.rtol)
     compressed.ecospa_report = report
     compressed.report = report
     compressed.ecospa_source = source_info(model, inputs)
@@ -90,11 +98,30 @@ def _capture(model, inputs, dynamic_shapes) -> fx.GraphModule:
         raise CaptureError(str(err)) from err.__cause__
 
 
-def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: CompressConfig):
+def _calibration(model, config: CompressConfig, calibration, loss_fn) -> list[tuple] | None:
+    """Calibration batches as tuples of positional inputs; the criterion's needs checked up front."""
+    criterion = CRITERIA[config.importance]
+    if criterion.needs_calibration and config.sparsity > 0 and not calibration:
+        raise InputError(
+            f"importance={config.importance!r} needs calibration=[batch, ...] (tuples of positional inputs "
+            "shaped like example_inputs)"
+        )
+    if criterion.needs_loss and config.sparsity > 0 and not callable(loss_fn):
+        raise InputError(f"importance={config.importance!r} needs loss_fn(outputs, batch) -> scalar tensor")
+    if calibration is None:
+        return None
+    return [_checked(model, batch) for batch in calibration]
+
+
+def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: CompressConfig, score_inputs=None):
     """Keep mask over all global channels, and the report's groups and skipped entries."""
     keep = np.ones(facts.n_channels, dtype=bool)
     report = Report(sparsity=config.sparsity, granularity=config.granularity)
-    settings = PlanSettings(config.sparsity, config.round_to, config.granularity)
+    settings = PlanSettings(
+        config.sparsity, config.round_to, config.granularity,
+        config.allocation, config.budget, config.max_sparsity, config.across_kinds,
+    )
+    planned = []
     for group in groups:
         reasons = list(group.reasons)
         if not reasons and group.kind not in config.kinds:
@@ -102,12 +129,16 @@ def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: Comp
         if reasons:
             report.skipped.append(Skipped(group.kind, _param_names(group, facts), tuple(reasons)))
             continue
-        if config.sparsity > 0:
-            scores = coupled_magnitude(group, facts, params)
-            unit_keep = plan_group(group, scores, facts, settings)
+        planned.append(group)
+    if config.sparsity > 0 and planned:
+        score_inputs = score_inputs or ScoreInputs(None, facts, params, seed=config.seed)
+        scores = score_groups(config.importance, planned, score_inputs)
+        costs = unit_costs(planned, facts, params, config.budget)
+        for group, unit_keep in zip(planned, plan_groups(planned, scores, facts, settings, costs), strict=True):
             for unit, kept in zip(group.units, unit_keep, strict=True):
                 if not kept:
                     keep[unit] = False
+    for group in planned:
         report.groups.append(_report_group(group, facts, keep))
     for reason, names in orphan_blockers(facts, groups):
         report.skipped.append(Skipped("unsupported", names, (reason,)))
@@ -161,9 +192,10 @@ def _count(gm: torch.nn.Module) -> int:
     return sum(p.numel() for p in gm.parameters())
 
 
-def _verify(model, compressed, inputs, report: Report, atol: float, rtol: float) -> None:
+def _verify(dense_gm, compressed, inputs, report: Report, atol: float, rtol: float) -> None:
+    """Mask oracle against the captured dense graph (same ops as the compressed one, in float64)."""
     removed = [(m.param, m.dim, m.removed) for g in report.groups for m in g.members]
-    diff, scale = oracle_diff(model, compressed, inputs, removed)
+    diff, scale = oracle_diff(dense_gm, compressed, inputs, removed)
     report.max_abs_diff = diff
     bound = atol + rtol * scale
     if not diff <= bound:

@@ -100,26 +100,10 @@ def _demo(args, console: Console) -> int:
 
 
 def load_local_model(model_dir: Path, gguf_file: str | None = None):
-    """A causal LM (or any AutoModel) from a local directory, eval mode, fp32, no KV cache."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    """The model and its config (see ``ecospa_fx.loading.load_model``)."""
+    from ecospa_fx.loading import load_model
 
-    if not model_dir.exists():
-        raise EcospaError(f"{model_dir} does not exist: pass a local Hugging Face model directory")
-    if not model_dir.is_dir():
-        raise EcospaError(f"{model_dir} is not a directory: pass a local Hugging Face model directory")
-    kwargs = {"gguf_file": gguf_file, "dtype": torch.float32} if gguf_file else {}
-    if not gguf_file and not (model_dir / "config.json").exists():
-        raise EcospaError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        config = AutoConfig.from_pretrained(model_dir, **({"gguf_file": gguf_file} if gguf_file else {}))
-        if hasattr(config, "use_cache"):
-            config.use_cache = False
-        auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
-        model = auto.from_pretrained(model_dir, config=config, **kwargs).eval()
-    except (OSError, ValueError, KeyError) as err:
-        raise EcospaError(f"transformers cannot load {model_dir}: {str(err).splitlines()[0]}") from err
-    return model, config
+    return load_model(model_dir, gguf_file)
 
 
 def _example_ids(config, batch: int, seq: int):

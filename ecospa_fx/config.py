@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ecospa_fx.errors import InputError
+from passes.importance import CRITERIA
+from passes.plan import ALLOCATIONS, BUDGETS
 
 KINDS = ("qk", "vo", "ffn", "head")
 GRANULARITIES = ("channel", "head")
-IMPORTANCES = ("magnitude",)
+IMPORTANCES = tuple(CRITERIA)  # magnitude, activation, fisher, uncoupled, random
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,17 @@ class CompressConfig:
         heads (with their GQA query heads) and FFN channels.
     kinds: which group kinds may be pruned (others are left dense and listed as such).
     round_to: keep counts are rounded to multiples of this where the width allows (8 suits GEMM kernels).
-    importance: how units are ranked ("magnitude": product of the coupled weights' norms).
+    importance: how units are ranked: "magnitude" (product of the coupled weights' norms, data-free),
+        "activation" (expected squared contribution at the contraction sinks; needs ``calibration``),
+        "fisher" (empirical Fisher of the unit masks; needs ``calibration`` and ``loss_fn``), and the
+        baselines "uncoupled" (one matrix's own norms, the others follow by index) and "random".
+    allocation: "uniform" (every group loses the same fraction) or "global" (groups of a kind compete by
+        score per unit of cost, none losing more than ``max_sparsity``).
+    budget: what ``sparsity`` is a fraction of: "channels" (of each group), "params" or "flops" (of the
+        planned groups, counted over the whole model at the example shapes).
+    max_sparsity: the per-group (per-layer) cap under global allocation.
+    across_kinds: global allocation ranks qk, vo and ffn units in one pool (scores normalised per kind).
+    seed: seed of the "random" criterion.
     verify: check the result against the masked dense model (the mask oracle) on the example inputs.
     atol, rtol: verification passes when max|compressed - masked dense| <= atol + rtol * max|output|.
     """
@@ -30,6 +42,11 @@ class CompressConfig:
     kinds: tuple[str, ...] = field(default=KINDS)
     round_to: int = 8
     importance: str = "magnitude"
+    allocation: str = "uniform"
+    budget: str = "channels"
+    max_sparsity: float = 0.9
+    across_kinds: bool = False
+    seed: int = 0
     verify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-5
@@ -53,5 +70,11 @@ class CompressConfig:
             raise InputError(f"round_to must be a positive int, got {self.round_to!r}")
         if self.importance not in IMPORTANCES:
             raise InputError(f"unknown importance {self.importance!r}; choose from {IMPORTANCES}")
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.budget not in BUDGETS:
+            raise InputError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        if not 0.0 < float(self.max_sparsity) <= 1.0:
+            raise InputError(f"max_sparsity must be in (0, 1], got {self.max_sparsity!r}")
         if self.atol <= 0 or self.rtol < 0:
             raise InputError(f"atol must be positive and rtol non-negative, got {self.atol}, {self.rtol}")

@@ -18,22 +18,30 @@ compressed module re-exports with dynamic axes. A module compressed with static 
 and sequence sizes (``view(linear, [2, 8, -1, 32])``): it exports statically and ``ExportResult.notes``
 says so. ``token_dynamic_shapes(inputs)`` builds the ``dynamic_shapes`` argument for ``compress``.
 
-Opset (measured with torch 2.13, onnxscript 0.7, onnxruntime 1.32, see benchmarks/README.md "Speed"):
-the default is 24. At opsets >= 23 the exporter emits SDPA as the ONNX ``Attention`` op (one node instead
-of MatMul/Softmax/MatMul plus mask plumbing), which onnxruntime runs; opset 23 also emits
-``RMSNormalization``. No exported zoo graph contains ``RotaryEmbedding`` (HF rotary is traced as
-mul/slice/cat), so the opset-23 ``RotaryEmbedding`` failure in ORT does not arise. The opset-23 SDPA
-translation rejects SDPA that broadcasts K/V heads without ``enable_gqa`` (Falcon's multi-query
-attention: "SDPA (MHA) requires q_num_heads = kv_num_heads"); with ``opset=None`` such models are
-re-translated at opset 18 (SDPA decomposed into MatMul/Softmax) and the result notes it.
+Opset (measured with torch 2.13 / onnxscript 0.7 / onnxruntime 1.32 here, and torch 2.11 / onnxruntime 1.30
+on the benchmark host; see benchmarks/README.md "Speed"): the default is 24. At opsets >= 23 the exporter
+emits SDPA as one ONNX ``Attention`` node, which onnxruntime runs. At opset 23 it also fuses HF's rotary
+(mul/slice/cat) into ONNX ``RotaryEmbedding``, and onnxruntime rejects that node at batch > 1 ("Inputs
+'cos_cache' and 'sin_cache' are expected to have the same shape as input 'x', got 1 and 16": HF's cos/sin
+have batch 1); at opset 24 no ``RotaryEmbedding`` is emitted and every zoo model passes parity. The
+opset >= 23 SDPA translation rejects SDPA that broadcasts K/V heads without ``enable_gqa`` (Falcon's
+multi-query attention: "SDPA (MHA) requires q_num_heads = kv_num_heads"); with ``opset=None`` such
+models are re-translated at opset 18 (SDPA decomposed into MatMul/Softmax) and the result notes it.
+
+Graph simplification: ``torch.onnx.export`` already runs onnxscript's optimizer (constant folding, dead
+code, CSE). onnxscript's ``optimize_for_ort`` is not applied: its contrib ``RotaryEmbedding`` fusion fails
+in onnxruntime at batch > 1 ("position_ids dimension 0 should be of size batch_size, got 1"), and its
+RMSNorm fusions alone were not measured to help (``benchmarks/speed.py --ort-fusions`` tries them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +64,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "ParityError",
+    "check_writable",
     "export_onnx",
     "token_dynamic_shapes",
 ]
@@ -103,7 +112,8 @@ class ExportResult:
         return max(self.max_abs_diff.values(), default=0.0)
 
     def summary(self) -> str:
-        shapes = ", ".join(f"{k}{sorted(v.items())}" for k, v in self.dynamic_axes.items() if v) or "none"
+        shapes = ", ".join(f"{k}: " + ", ".join(f"axis {a} = {d}" for a, d in sorted(v.items()))
+                           for k, v in self.dynamic_axes.items() if v) or "none (static shapes)"
         lines = [f"wrote {self.path} (opset {self.opset}, {sum(self.op_counts.values())} nodes)",
                  f"dynamic axes: {shapes}"]
         if self.checked:
@@ -151,16 +161,18 @@ def export_onnx(
     if not isinstance(compressed, torch.nn.Module):
         raise ExportError(f"expected a torch.nn.Module (e.g. what compress returns), got {type(compressed).__name__}")
     inputs = _as_tuple(example_inputs)
-    path = _writable(Path(path))
-    compressed.eval()
+    path = check_writable(path)
+    with contextlib.suppress(NotImplementedError):  # torch.export's unlifted modules refuse eval() (<= 2.11)
+        compressed.eval()
     with torch.no_grad():
         reference = compressed(*inputs)
     output_names = _output_names(reference)
 
     notes: list[str] = []
-    program, requested = _capture(compressed, inputs, dynamic, notes)
-    onnx_program, used_opset = _translate(program, opset, notes)
-    onnx_program = _finish(onnx_program, program, inputs, requested, output_names)
+    with _quiet():
+        program, requested = _capture(compressed, inputs, dynamic, notes)
+        onnx_program, used_opset = _translate(program, opset, notes)
+    onnx_program = _finish(onnx_program, inputs, requested, output_names)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             onnx_program.save(str(path))
@@ -179,12 +191,35 @@ def export_onnx(
     if not check:
         return result
     _check_model(path)
-    diffs = _parity(path, compressed, [inputs, *(_as_tuple(x) for x in parity_inputs)], reference,
-                    result.output_names, atol)
+    probes = []
+    for probe in (_as_tuple(x) for x in parity_inputs):
+        fixed = _static_mismatch(inputs, probe, result)
+        if fixed:
+            notes.append(f"parity on other shapes skipped: {fixed} is static in the ONNX model")
+        else:
+            probes.append(probe)
+    result = ExportResult(**{**result.__dict__, "notes": tuple(notes)})
+    diffs = _parity(path, compressed, [inputs, *probes], reference, result.output_names, atol)
     return ExportResult(**{**result.__dict__, "max_abs_diff": diffs, "checked": True})
 
 
 # ------------------------------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def _quiet():
+    """Hide the exporter's progress prints, its registry warnings (torchvision ops) and the pytree
+    FutureWarnings of deep-copied graph modules; errors still propagate."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _as_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -196,17 +231,24 @@ def _as_tuple(example_inputs: Any) -> tuple:
     )
 
 
-def _writable(path: Path) -> Path:
-    """Fail before the (slow) export when ``path`` cannot be written."""
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail fast (before a slow export) when ``path`` cannot be written; create missing parent folders.
+    Returns the absolute path."""
+    path = Path(path)
     if path.is_dir():
         raise ExportError(f"cannot write {path}: it is a directory; give a file name such as {path / 'model.onnx'}")
-    parent = path.parent
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ExportError(f"cannot write {path}: {blocker} is a file, not a folder")
+    existed = path.exists()
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
     except OSError as err:
-        raise ExportError(f"cannot write {path}: cannot create {parent}: {err.strerror or err}") from err
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ExportError(f"cannot write {path}: permission denied")
+        raise ExportError(f"cannot write {path}: {err.strerror or err}") from err
+    if not existed:
+        path.unlink()
     return path.resolve()
 
 
@@ -232,8 +274,7 @@ def _capture(model, inputs: tuple, dynamic: bool, notes: list[str]):
                                  "specializes sizes 0 and 1; use batch >= 2 in the example inputs)")
                 requested += [(i, a) for a in (spec[i] or {})]
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            program = torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
+        program = torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
     except Exception as err:
         raise ExportError(f"torch.export could not capture {type(model).__name__} for ONNX: "
                           f"{type(err).__name__}: {_first_lines(err)}") from err
@@ -271,17 +312,16 @@ def _placeholder_shapes(program, inputs: tuple) -> list[list[int | str]]:
 
 def _translate(program, opset: int | None, notes: list[str]):
     tries = [opset] if opset is not None else [DEFAULT_OPSET, FALLBACK_OPSET]
-    first: Exception | None = None
+    errors: list[Exception] = []
     for version in tries:
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                return torch.onnx.export(program, dynamo=True, opset_version=version, verbose=False), version
+            return torch.onnx.export(program, dynamo=True, opset_version=version, verbose=False), version
         except Exception as err:
-            first = first or err
+            errors.append(err)
             if version != tries[-1]:
                 notes.append(f"opset {version} translation failed ({_describe(err)}); used opset {tries[-1]}")
-    assert first is not None
-    raise ExportError(f"torch.onnx.export failed at opset {tries[0]}: {_describe(first)}") from first
+    also = f" (and at opset {tries[-1]}: {_describe(errors[-1])})" if len(errors) > 1 else ""
+    raise ExportError(f"torch.onnx.export failed at opset {tries[0]}: {_describe(errors[0])}{also}") from errors[0]
 
 
 _NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")
@@ -319,7 +359,7 @@ def _output_names(reference: Any) -> list[str]:
     return names
 
 
-def _finish(onnx_program, program, inputs: tuple, requested, output_names: list[str]):
+def _finish(onnx_program, inputs: tuple, requested, output_names: list[str]):
     """Name dynamic axes batch/seq (seq_2, ... for unrelated sequence axes) and outputs by field."""
     import onnx_ir as ir
 
@@ -361,6 +401,17 @@ def _dynamic_axes(onnx_program) -> dict[str, dict[int, str]]:
     return out
 
 
+def _static_mismatch(inputs: tuple, probe: tuple, result: ExportResult) -> str | None:
+    """The first (input, axis) where ``probe`` differs from the example on an axis the file fixes."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    others = [x for x in probe if isinstance(x, torch.Tensor)]
+    for name, x, y in zip(result.input_names, tensors, others, strict=False):
+        for axis, (a, b) in enumerate(zip(x.shape, y.shape, strict=False)):
+            if a != b and axis not in result.dynamic_axes.get(name, {}):
+                return f"{name} axis {axis}"
+    return None
+
+
 def _check_model(path: Path) -> None:
     import onnx
 
@@ -373,8 +424,10 @@ def _check_model(path: Path) -> None:
 def _parity(path: Path, model, input_sets: list[tuple], reference, output_names, atol: float):
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # failures are raised below with onnxruntime's message
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:
         raise ExportError(f"onnxruntime cannot load {path}: {_first_lines(err)}") from err
     names = [i.name for i in session.get_inputs()]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from passes.coupling_state import CouplingFacts
+from passes.coupling_state import Contraction, CouplingFacts
 from passes.labels import AxisLabel, Labels, identity_label, spaces_of
 from passes.meet import Operand, gqa_expand, letter_sizes, tie_operands
 
@@ -168,6 +168,10 @@ class Ctx:
             for ch in set(op.letters):
                 counts[ch] = counts.get(ch, 0) + 1
         contracted = {ch for ch, c in counts.items() if c >= 2 and ch not in out_letters}
+        if contracted:
+            self.facts.contractions.append(Contraction(
+                self.node.name, tuple(operands), letter_sizes(operands), frozenset(contracted), tuple(out_letters)
+            ))
         acts = [op for op in operands if not op.is_weight]
         for op in operands:
             if op.is_weight and acts and contracted:

@@ -32,6 +32,20 @@ FLAGS = (
 SCOPES = ("all", "channel", "head")
 
 
+@dataclass(frozen=True)
+class Contraction:
+    """One contraction the analysis saw (an einsum-style meeting with contracted letters), kept for the
+    scoring and costing stages: ``operands`` are ``passes.meet.Operand`` records (labels after GQA
+    expansion, letters, ``path`` into ``node.args`` or None for intermediates, ``is_weight``), ``sizes``
+    the letter extents, ``contracted`` the letters summed away, ``out_letters`` the output's letters."""
+
+    node: str
+    operands: tuple
+    sizes: dict[str, int]
+    contracted: frozenset[str]
+    out_letters: tuple[str, ...]
+
+
 @dataclass
 class Blocker:
     """Channels that must stay dense at ``scope`` granularity, and why."""
@@ -52,6 +66,7 @@ class CouplingFacts:
     blockers: list[Blocker] = field(default_factory=list)
     block_size: dict[int, int] = field(default_factory=dict)  # space id -> channels per head block
     n_channels: int = 0
+    contractions: list[Contraction] = field(default_factory=list)  # for scoring and FLOP costs
 
     def new_space(self, size: int, **kw) -> Space:
         space = Space(id=len(self.spaces), size=size, offset=self.n_channels, **kw)

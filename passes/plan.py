@@ -7,16 +7,28 @@ units may be wider than one channel per block (a rotary pair takes two), so the 
 and ``T`` steps down until every family fits. Spaces without head structure count units directly.
 
 Head granularity: units are whole heads (a KV head with its query heads); keep the best-scored ones.
+
+Across groups (``plan_groups``): ``allocation="uniform"`` gives every group the same ratio;
+``allocation="global"`` walks each group down its *ladder* of feasible plans (one per per-head keep count,
+so rounding, rotary pairs and GQA families hold at every rung) and repeatedly takes the cheapest next rung
+over all groups of a kind -- the one that loses the least score per unit of cost removed -- until the kind
+has lost its share of the budget, never taking a group past ``max_sparsity``. ``budget`` says what the
+sparsity measures: channels (per group), parameters, or FLOPs of the planned groups (``unit_costs``).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from passes.coupling_state import CouplingFacts
 from passes.groups import CoupledUnits
+
+ALLOCATIONS = ("uniform", "global")
+BUDGETS = ("channels", "params", "flops")
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,10 @@ class PlanSettings:
     sparsity: float
     round_to: int = 8
     granularity: str = "channel"
+    allocation: str = "uniform"  # "uniform": same ratio per group; "global": allocate by score
+    budget: str = "channels"  # what ``sparsity`` counts: "channels" (per group), "params", "flops"
+    max_sparsity: float = 0.9  # global allocation: no group loses more than this fraction of its channels
+    across_kinds: bool = False  # global allocation: one pool for all kinds (scores normalised per kind)
 
 
 def keep_count(n: int, sparsity: float, round_to: int) -> int:
@@ -101,3 +117,177 @@ def _fill(members: list[int], widths, scores, target: int, keep: np.ndarray) -> 
         if all(v == target for v in filled.values()):
             return True
     return all(v == target for v in filled.values())
+
+
+# ---------------------------------------------------------------------------------- costs
+def unit_costs(
+    groups: list[CoupledUnits], facts: CouplingFacts, params: dict[str, torch.Tensor], budget: str
+) -> list[np.ndarray]:
+    """What removing each unit saves: 1 per unit ("channels"), parameters, or FLOPs of one forward at the
+    captured shapes (every recorded contraction costs ``2 * prod(letter sizes)``; a channel's share of it
+    is that over the extent of the letters carrying it, counted once per contraction)."""
+    if budget == "channels":
+        return [np.array([float(len(u)) for u in g.units]) for g in groups]
+    per_channel = np.zeros(facts.n_channels)
+    if budget == "params":
+        for space in facts.spaces:
+            p = params.get(space.param) if not space.is_virtual else None
+            if p is not None:
+                per_channel[space.offset : space.offset + space.size] = p.numel() / space.size
+    elif budget == "flops":
+        per_channel = channel_flops(facts)
+    else:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    return [np.array([per_channel[u].sum() for u in g.units]) for g in groups]
+
+
+def channel_flops(facts: CouplingFacts) -> np.ndarray:
+    from passes.meet import grid_over
+
+    out = np.zeros(facts.n_channels)
+    for c in facts.contractions:
+        total = 2.0 * float(np.prod([c.sizes[ch] for ch in c.sizes]))
+        seen: set[frozenset[str]] = set()
+        for op in c.operands:
+            for space in {lab.space for lab in op.labels if lab is not None}:
+                letters = [ch for ch, lab in zip(op.letters, op.labels, strict=True)
+                           if lab is not None and lab.space == space]
+                key = frozenset(letters)
+                if key in seen or not all(op.labels[op.letters.index(ch)].full for ch in letters):
+                    continue
+                seen.add(key)
+                ids = grid_over(op, space, letters, c.sizes)[..., 0] + facts.spaces[space].offset
+                np.add.at(out, ids.ravel(), total / ids.size)
+    return out
+
+
+# ---------------------------------------------------------------------------------- many groups
+def plan_groups(
+    groups: list[CoupledUnits],
+    scores: list[np.ndarray],
+    facts: CouplingFacts,
+    settings: PlanSettings,
+    costs: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Keep flags per unit for every group under ``settings`` (see module docstring).
+
+    ``costs`` (from ``unit_costs``) are needed unless budget is "channels" with uniform allocation.
+    """
+    if settings.allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {settings.allocation!r}")
+    if settings.sparsity == 0.0 or not groups:
+        return [np.ones(len(g.units), dtype=bool) for g in groups]
+    if settings.allocation == "uniform" and settings.budget == "channels":
+        return [plan_group(g, s, facts, settings) for g, s in zip(groups, scores, strict=True)]
+    if costs is None:
+        raise ValueError(f"budget {settings.budget!r} / allocation {settings.allocation!r} needs unit costs")
+    if settings.allocation == "uniform":
+        return _uniform_to_budget(groups, scores, costs, facts, settings)
+    ladders = [_ladder(g, s, c, facts, settings) for g, s, c in zip(groups, scores, costs, strict=True)]
+    pools: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        pools.setdefault("all" if settings.across_kinds else g.kind, []).append(i)
+    level = [0] * len(groups)
+    for members in pools.values():
+        scale = _kind_scales(groups, scores, costs, members) if settings.across_kinds else None
+        target = settings.sparsity * sum(float(costs[i].sum()) for i in members)
+        _greedy(ladders, members, level, target, scale)
+    return [ladders[i][level[i]][0] for i in range(len(groups))]
+
+
+def _ladder(group, scores, costs, facts, settings) -> list[tuple[np.ndarray, float, float]]:
+    """Feasible plans of one group from dense downwards: (keep flags, removed score, removed cost)."""
+    n = _width(group, facts)
+    rounded = n % settings.round_to == 0 and n > settings.round_to
+    step = settings.round_to if rounded and group.kind != "head" else 1
+    rungs = [(np.ones(len(group.units), dtype=bool), 0.0, 0.0)]
+    seen = {rungs[0][0].tobytes()}
+    lengths = np.array([len(u) for u in group.units])
+    removed_channels = int(lengths.sum())
+    for kept in range(n - step, 0, -step):
+        sparsity = 1.0 - kept / n
+        if sparsity > settings.max_sparsity + 1e-9:
+            break
+        keep = plan_group(group, scores, facts, PlanSettings(sparsity, settings.round_to, settings.granularity))
+        if keep.tobytes() in seen:
+            continue
+        seen.add(keep.tobytes())
+        gone = int(lengths[~keep].sum())
+        if gone / removed_channels > settings.max_sparsity + 1e-9:
+            break
+        rungs.append((keep, float(scores[~keep].sum()), float(costs[~keep].sum())))
+    return rungs
+
+
+def _width(group: CoupledUnits, facts: CouplingFacts) -> int:
+    """Per-head channel count for head-structured groups, else the number of units."""
+    if group.kind == "head" or not group.blocks:
+        return len(group.units)
+    totals: dict[int, int] = {}
+    for sid, size in group.blocks.items():
+        s = facts.spaces[sid]
+        ch = group.channels
+        local = ch[(ch >= s.offset) & (ch < s.offset + s.size)] - s.offset
+        for b, c in zip(*np.unique(local // size, return_counts=True), strict=True):
+            totals[s.offset + int(b)] = totals.get(s.offset + int(b), 0) + int(c)
+    return max(totals.values())
+
+
+def _kind_scales(groups, scores, costs, members) -> dict[int, float]:
+    """Across kinds: divide each kind's scores by its mean score per unit cost (kinds measure different
+    things: a q.k energy is not a residual-stream energy), so only relative importance is compared."""
+    by_kind: dict[str, list[int]] = {}
+    for i in members:
+        by_kind.setdefault(groups[i].kind, []).append(i)
+    out = {}
+    for idx in by_kind.values():
+        density = sum(float(scores[i].sum()) for i in idx) / max(1e-30, sum(float(costs[i].sum()) for i in idx))
+        for i in idx:
+            out[i] = 1.0 / density if density > 0 else 1.0
+    return out
+
+
+def _greedy(ladders, members: list[int], level: list[int], target: float, scale) -> None:
+    removed = 0.0
+    heap = []
+
+    def push(i: int) -> None:
+        if level[i] + 1 < len(ladders[i]):
+            _, s0, c0 = ladders[i][level[i]]
+            _, s1, c1 = ladders[i][level[i] + 1]
+            ds = (s1 - s0) * (scale[i] if scale else 1.0)
+            heapq.heappush(heap, (ds / max(c1 - c0, 1e-30), i, level[i]))
+
+    for i in members:
+        push(i)
+    while heap and removed < target:
+        _, i, at = heapq.heappop(heap)
+        if at != level[i]:
+            continue
+        step = ladders[i][at + 1][2] - ladders[i][at][2]
+        if removed + step > target and removed + step - target > target - removed:
+            continue  # this step overshoots more than stopping here undershoots: try smaller steps
+        level[i] += 1
+        removed += step
+        push(i)
+
+
+def _uniform_to_budget(groups, scores, costs, facts, settings) -> list[np.ndarray]:
+    """One channel ratio for every group, chosen so the removed cost is closest to the budget."""
+    total = sum(float(c.sum()) for c in costs)
+    target = settings.sparsity * total
+    best, best_gap = None, None
+    lo, hi = 0.0, 0.999
+    for _ in range(30):  # bisection on the channel ratio (removed cost grows with it, in steps)
+        mid = (lo + hi) / 2
+        plans = [plan_group(g, s, facts, PlanSettings(mid, settings.round_to, settings.granularity))
+                 for g, s in zip(groups, scores, strict=True)]
+        removed = sum(float(c[~k].sum()) for c, k in zip(costs, plans, strict=True))
+        gap = abs(removed - target)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = plans, gap
+        if removed < target:
+            lo = mid
+        else:
+            hi = mid
+    return best

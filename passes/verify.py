@@ -59,7 +59,7 @@ def oracle_diff(model, compressed, example_inputs: tuple, removed) -> tuple[floa
     """
     reference = masked_copy(model, removed).eval()
     try:
-        return _compare(reference.double(), _as_float64(compressed), _float64(example_inputs))
+        return _compare(_as_float64(reference), _as_float64(compressed), _float64(example_inputs))
     except RuntimeError:  # a graph that insists on float32 somewhere: compare in the model's dtype
         return _compare(reference.float(), compressed, example_inputs)
 
@@ -73,13 +73,22 @@ def _float64(inputs: tuple) -> tuple:
     return tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
 
 
-def _as_float64(gm):
-    """A float64 copy of a graph module, without export's float32 dtype assertions."""
-    candidate = copy.deepcopy(gm).double()
-    graph = getattr(candidate, "graph", None)
-    if graph is not None:
-        for node in list(graph.nodes):
-            if node.op == "call_function" and "_assert_tensor_metadata" in str(node.target):
-                graph.erase_node(node)
-        candidate.recompile()
+def _as_float64(module):
+    """A float64 copy of a module; in graph modules (and their submodules, e.g. HF rotary under
+    ``wrap_with_set_grad_enabled``) export's float32 dtype assertions go and float32 casts become
+    float64 casts, so both sides of the oracle compute in float64 end to end."""
+    candidate = copy.deepcopy(module).double()
+    for sub in candidate.modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for node in list(sub.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if "_assert_tensor_metadata" in str(node.target):
+                sub.graph.erase_node(node)
+            elif node.kwargs.get("dtype") is torch.float32:
+                node.update_kwarg("dtype", torch.float64)
+            elif any(a is torch.float32 for a in node.args):
+                node.args = tuple(torch.float64 if a is torch.float32 else a for a in node.args)
+        sub.recompile()
     return candidate

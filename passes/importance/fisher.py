@@ -1,0 +1,97 @@
+"""Empirical Fisher of each unit's mask, from gradients of a loss on calibration batches.
+
+Removing unit ``u`` is zeroing its channels; with a mask ``m_u`` scaling the unit's slice of one weight
+side, ``dL/dm_u = sum over the slice of grad * weight``. The empirical Fisher of the mask is
+
+    F_u = sum over calibration batches b of ( sum_{w in unit u} g_b(w) * w )^2
+
+(the first-order Taylor term squared, summed over batches: the EcoSpa / Kwon et al. mask Fisher). Which
+weight side: the *sink* side where the group has one (W_o / W_down input columns: exactly the columns the
+mask oracle zeros, and scaling them scales the unit's contribution linearly); otherwise (Q/K, where both
+sides are activations) the average over the group's matrices (Q rows and K rows each give the same
+derivative of the bilinear term ``q_c k_c``). Biases and norm vectors in that side count too.
+
+One calibration batch is one sample of the gradient: use batches of one sequence. Memory is the model, its
+gradients for the scored weights only, and one batch's autograd graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from passes.groups import CoupledUnits
+from passes.importance.base import Criterion, ScoreInputs, sink_weight_spaces, sum_per_unit
+
+
+def _sides(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[tuple[list[int], int]]:
+    """Per group: the spaces whose ``grad * weight`` is read, and the number of matrices averaged."""
+    facts, params = inputs.facts, inputs.params
+    sinks = sink_weight_spaces(facts)
+    out = []
+    for group in groups:
+        real = [s for s in group.spaces if not facts.spaces[s].is_virtual]
+        chosen = [s for s in real if s in sinks]
+        if chosen:
+            out.append((chosen, 1))
+        else:
+            mats = [s for s in real if params[facts.spaces[s].param].ndim >= 2]
+            out.append((real, max(1, len(mats))))
+    return out
+
+
+def channel_gw(inputs: ScoreInputs, spaces: set[int]) -> np.ndarray:
+    """``sum over the channel slice of grad * weight`` per global channel id (0 elsewhere)."""
+    facts, params = inputs.facts, inputs.params
+    out = np.zeros(facts.n_channels, dtype=np.float64)
+    for sid in spaces:
+        space = facts.spaces[sid]
+        p = params[space.param]
+        if p.grad is None:
+            continue
+        gw = (p.grad.detach().double() * p.detach().double()).transpose(0, space.dim).reshape(space.size, -1)
+        out[space.offset : space.offset + space.size] = gw.sum(1).cpu().numpy()
+    return out
+
+
+def score(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[np.ndarray]:
+    facts, params, gm = inputs.facts, inputs.params, inputs.gm
+    sides = _sides(groups, inputs)
+    used = {s for spaces, _ in sides for s in spaces}
+    names = {facts.spaces[s].param for s in used}
+    masks = []
+    for spaces, _ in sides:
+        mask = np.zeros(facts.n_channels, dtype=bool)
+        for s in spaces:
+            sp = facts.spaces[s]
+            mask[sp.offset : sp.offset + sp.size] = True
+        masks.append(mask)
+    fisher = [np.zeros(len(g.units)) for g in groups]
+    flags = {name: p.requires_grad for name, p in gm.named_parameters()}
+    try:
+        for name, p in gm.named_parameters():
+            p.requires_grad_(name in names)  # gradients only for the weights that are read
+        for batch in inputs.calibration or []:
+            gm.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = inputs.loss_fn(gm(*batch), batch)
+                loss.backward()
+            gw = channel_gw(inputs, used)
+            for k, (group, (_, n_mats)) in enumerate(zip(groups, sides, strict=True)):
+                (per_unit,) = sum_per_unit([group], np.where(masks[k], gw, 0.0))
+                fisher[k] += (per_unit / n_mats) ** 2
+    finally:
+        gm.zero_grad(set_to_none=True)
+        for name, p in gm.named_parameters():
+            p.requires_grad_(flags[name])
+    del params
+    return fisher
+
+
+CRITERION = Criterion(
+    "fisher",
+    score,
+    needs_calibration=True,
+    needs_loss=True,
+    doc="empirical Fisher of the unit mask: sum over batches of (sum of grad*weight over the unit)^2",
+)

@@ -1,0 +1,130 @@
+"""ONNX export of compressed models: dynamic batch/seq, onnx.checker, onnxruntime parity, clear errors."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import ecospa_fx
+from ecospa_fx.export import (
+    DEFAULT_OPSET,
+    FALLBACK_OPSET,
+    ExportError,
+    ParityError,
+    export_onnx,
+    token_dynamic_shapes,
+)
+from tests.zoo import case_by_name
+
+#: (batch, seq) shapes checked in onnxruntime besides the (2, 8) example: two batch sizes, two lengths
+OTHER_SHAPES = [(3, 5), (1, 12)]
+
+
+def _tokens(batch: int, seq: int, vocab: int = 90, seed: int = 0) -> tuple:
+    return (torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)),)
+
+
+def _initializer_numel(path) -> int:
+    model = onnx.load(str(path))
+    total = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        total += n if init.data_type == onnx.TensorProto.FLOAT else 0
+    return total
+
+
+@pytest.mark.parametrize("name", ["hf_llama_gqa", "hf_gpt2", "hw_interleaved_rope"])
+def test_compressed_exports_with_dynamic_batch_and_seq(name, tmp_path):
+    case = case_by_name(name)
+    model, inputs = case.build(), case.inputs()
+    compressed = ecospa_fx.compress(model, inputs, 0.5, dynamic_shapes=token_dynamic_shapes(inputs))
+    result = export_onnx(compressed, inputs, tmp_path / "m.onnx",
+                         parity_inputs=[_tokens(b, s) for b, s in OTHER_SHAPES])
+    # structure: one dynamic file, opset 24, the compressed (not the dense) weights inside
+    assert result.path.is_file() and result.checked
+    assert result.opset == DEFAULT_OPSET
+    assert result.dynamic_axes == {result.input_names[0]: {0: "batch", 1: "seq"}}
+    assert result.notes == ()
+    report = compressed.ecospa_report
+    # (a tied LM head may add a folded transpose of the embedding, so compare with the dense count)
+    assert report.params_after < report.params_before
+    assert _initializer_numel(result.path) < report.params_before
+    # numerics: onnxruntime matches PyTorch at (2, 8), (3, 5) and (1, 12)
+    assert result.max_diff < 1e-4
+    assert set(result.max_abs_diff) == set(result.output_names)
+    onnx_input = onnx.load(str(result.path)).graph.input[0]
+    assert [d.dim_param for d in onnx_input.type.tensor_type.shape.dim] == ["batch", "seq"]
+
+
+def test_output_names_follow_the_model_outputs(tmp_path):
+    case = case_by_name("hf_llama_gqa")
+    compressed = ecospa_fx.compress(case.build(), case.inputs(), 0.5)
+    result = export_onnx(compressed, case.inputs(), tmp_path / "m.onnx")
+    assert result.output_names == ("logits",)
+
+
+def test_static_compressed_module_exports_static_and_says_why(tmp_path):
+    case = case_by_name("hf_llama_gqa")
+    inputs = case.inputs()
+    compressed = ecospa_fx.compress(case.build(), inputs, 0.5)  # no dynamic_shapes: literal batch/seq
+    result = export_onnx(compressed, inputs, tmp_path / "m.onnx", parity_inputs=[_tokens(3, 5)])
+    assert not result.dynamic
+    assert any("compressed with static shapes" in n for n in result.notes)
+    assert any("parity on other shapes skipped" in n for n in result.notes)
+    assert result.max_diff < 1e-4
+
+
+def test_plain_module_exports_dynamic(tmp_path):
+    case = case_by_name("hw_gqa_sdpa")
+    model, inputs = case.build(), case.inputs()
+    result = export_onnx(model, inputs, tmp_path / "dense.onnx", parity_inputs=[_tokens(4, 6)])
+    assert result.dynamic and result.max_diff < 1e-4
+
+
+def test_opset_falls_back_when_the_attention_translation_fails(tmp_path):
+    case = case_by_name("hf_falcon")  # multi-query SDPA broadcasts K/V heads: opset-24 Attention rejects it
+    model, inputs = case.build(), case.inputs()
+    result = export_onnx(model, inputs, tmp_path / "f.onnx")
+    assert result.opset == FALLBACK_OPSET and result.max_diff < 1e-4
+    assert any("scaled_dot_product_attention" in n and "q_num_heads" in n for n in result.notes)
+    with pytest.raises(ExportError, match=r"opset 24: node scaled_dot_product_attention .*q_num_heads"):
+        export_onnx(model, inputs, tmp_path / "g.onnx", opset=24)
+
+
+def test_parity_failure_names_the_output_and_the_difference(tmp_path):
+    case = case_by_name("hf_llama_gqa")
+    model, inputs = case.build(), case.inputs()
+    with pytest.raises(ParityError, match=r"output 'logits': onnxruntime differs from PyTorch by .* \(> atol") as err:
+        export_onnx(model, inputs, tmp_path / "m.onnx", atol=1e-12, dynamic=False)
+    assert err.value.output == "logits" and err.value.diff > 1e-12
+
+
+def test_unwritable_paths_fail_before_exporting(tmp_path):
+    model, inputs = nn.Linear(4, 4), (torch.randn(2, 4),)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        export_onnx(model, inputs, blocker / "m.onnx")
+    with pytest.raises(ExportError, match="it is a directory"):
+        export_onnx(model, inputs, tmp_path)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_capture_failure_is_surfaced(tmp_path):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x - 1  # Python branch on a tensor value
+
+    with pytest.raises(ExportError, match=r"torch\.export could not capture DataDependent"):
+        export_onnx(DataDependent(), (torch.randn(2, 3),), tmp_path / "m.onnx")
+
+
+def test_bad_inputs():
+    with pytest.raises(ExportError, match=r"torch\.nn\.Module"):
+        export_onnx(lambda x: x, (torch.randn(2),), "x.onnx")
+    with pytest.raises(ExportError, match="example_inputs"):
+        export_onnx(nn.Linear(2, 2), (), "x.onnx")
