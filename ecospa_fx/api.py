@@ -195,7 +195,14 @@ def _count(gm: torch.nn.Module) -> int:
 def _verify(dense_gm, compressed, inputs, report: Report, atol: float, rtol: float) -> None:
     """Mask oracle against the captured dense graph (same ops as the compressed one, in float64)."""
     removed = [(m.param, m.dim, m.removed) for g in report.groups for m in g.members]
-    diff, scale = oracle_diff(dense_gm, compressed, inputs, removed)
+    try:
+        diff, scale = oracle_diff(dense_gm, compressed, inputs, removed)
+    except RuntimeError as err:
+        raise VerificationError(
+            f"the compressed model does not run on its own example inputs ({str(err).splitlines()[0]}); "
+            "this is a bug in ecospa_fx: please report it with the model (try granularity='channel' or "
+            "fewer kinds meanwhile)"
+        ) from err
     report.max_abs_diff = diff
     bound = atol + rtol * scale
     if not diff <= bound:

@@ -65,4 +65,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any =
         ) from err
     finally:
         model.train(was_training)
-    return program.module()
+    try:
+        return program.module()
+    except Exception as err:  # e.g. a submodule named like a Python keyword
+        raise CaptureFailed(f"torch.export traced {type(model).__name__} but could not rebuild it as a module: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err

@@ -179,11 +179,6 @@ class KeywordNamedChild(nn.Module):
         return self.down(F.gelu(getattr(self, "if")(x)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (minor): passes/capture.py calls ExportedProgram.module() outside its try, so torch's "
-    "codegen SyntaxError for a keyword-named submodule escapes raw instead of as a CaptureError",
-)
 def test_keyword_named_submodule_gives_capture_error_or_works():
     try:
         compressed = _compress(KeywordNamedChild().eval(), (_x(),))
