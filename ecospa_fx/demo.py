@@ -158,7 +158,7 @@ def run_demo(
             _tick(progress, f"compressing at {s:.0%}")
             # activation-aware coupled scores from the batches (weight magnitude alone is worse than
             # random on trained models: benchmarks/README.md, Quality)
-            variants.append((f"ecospa {s:.0%}", ecospa_fx.compress(model, example, s, importance="activation",
+            variants.append((f"-{s:.0%}", ecospa_fx.compress(model, example, s, importance="activation",
                                                                     calibration=batches[:4])))
         measured = []
         for name, module in variants:  # eager timings first: no onnxruntime threads alive yet
