@@ -82,7 +82,7 @@ def remap_slice(
             continue
         compact = np.cumsum(row) - 1
         sel = [int(compact[p]) for p in sorted(picked) if row[p]]
-        new = _as_range(sel, bounds[2], int(row.sum()))
+        new = _as_range(sel)
         if result is not None and new != result:
             raise CompactionError("a slice selects different kept positions in different rows")
         result = new
@@ -91,7 +91,7 @@ def remap_slice(
     return result
 
 
-def _as_range(sel: list[int], step: int, n: int) -> tuple[int, int, int]:
+def _as_range(sel: list[int]) -> tuple[int, int, int]:
     if not sel:
         return (0, 0, 1)
     st = sel[1] - sel[0] if len(sel) > 1 else 1

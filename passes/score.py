@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from passes.coupling_state import CouplingFacts
-from passes.groups import CoupledUnits
+from passes.groups import CoupledUnits, space_of_channel
 
 
 def channel_norms(facts: CouplingFacts, params: dict[str, torch.Tensor], spaces: list[int]) -> np.ndarray:
@@ -35,10 +35,7 @@ def coupled_magnitude(
 ) -> np.ndarray:
     """One score per unit of ``group`` (see module docstring)."""
     sq = channel_norms(facts, params, group.spaces)
-    owner = np.empty(facts.n_channels, dtype=np.int64)
-    for sid in group.spaces:
-        s = facts.spaces[sid]
-        owner[s.offset : s.offset + s.size] = sid
+    owner = space_of_channel(facts)
     scores = np.ones(len(group.units))
     for i, unit in enumerate(group.units):
         vals = sq[unit]
