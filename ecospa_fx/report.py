@@ -95,7 +95,7 @@ class Report:
             widths = ", ".join(
                 sorted(
                     {
-                        f"{m.param.rsplit('.', 2)[-2]}[{m.dim}] {m.size}->{m.kept}"
+                        f"{_short(m.param)}[{m.dim}] {m.size}->{m.kept}"
                         for g in gs
                         for m in g.members
                     }
@@ -124,3 +124,9 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _short(param: str) -> str:
+    """``layers.3.mlp.up.weight`` -> ``up``; a top-level ``memory`` stays ``memory``."""
+    parts = param.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]

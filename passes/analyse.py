@@ -172,23 +172,19 @@ class Ctx:
             self.facts.contractions.append(Contraction(
                 self.node.name, tuple(operands), letter_sizes(operands), frozenset(contracted), tuple(out_letters)
             ))
-        acts = [op for op in operands if not op.is_weight]
-        for op in operands:
-            if op.is_weight and acts and contracted:
-                free = [
-                    k for k, ch in enumerate(op.letters) if op.labels[k] is not None and ch in out_letters
-                ]
-                if free:
-                    self.facts.flag("produced", self._ids(op, free))
+        frozen = [op.is_weight or self._is_constant(op) for op in operands]
+        if contracted:
+            self._flag_produced(operands, out_letters)
+        acts = [op for op, fixed in zip(operands, frozen, strict=True) if not fixed]
         for op in acts:
             lab = op.letter_labels()
             sunk = [k for k, ch in enumerate(op.letters) if ch in contracted and ch in lab]
             if sunk:
-                against_weight = any(o.is_weight for o in operands if o is not op)
+                against_weight = any(fixed for o, fixed in zip(operands, frozen, strict=True) if o is not op)
                 self.facts.flag("param_sink" if against_weight else "score", self._ids(op, sunk))
                 if not against_weight:
                     self._check_zero_ok(operands, contracted)
-            elif len(acts) >= 2:
+            if len(acts) >= 2 and contracted:  # p @ v: v's channels ride through (not rot(q) * sin)
                 free = [
                     k
                     for k, ch in enumerate(op.letters)
@@ -196,6 +192,15 @@ class Ctx:
                 ]
                 if free:
                     self.facts.flag("value", self._ids(op, free))
+
+    def _flag_produced(self, operands: list[Operand], out_letters: list[str]) -> None:
+        """A weight's labelled axes that survive a contraction are where channels are born: ``W @ x``, and
+        ``W @ P`` alike (``k = Linear(memory)`` over a learned memory Parameter)."""
+        for op in operands:
+            if op.is_weight:
+                free = [k for k, ch in enumerate(op.letters) if op.labels[k] is not None and ch in out_letters]
+                if free:
+                    self.facts.flag("produced", self._ids(op, free))
 
     def _check_zero_ok(self, operands: list[Operand], contracted: set[str]) -> None:
         """q . k with removed channels equals q . k with them zeroed upstream only if at least one side
@@ -206,6 +211,19 @@ class Ctx:
             for op in operands:
                 self.block_labels(op.labels, "channel", "both sides of an activation contraction pass an op "
                                   "with f(0) != 0 (removing a channel would not equal zeroing it)", self.node)
+
+    def _is_constant(self, op: Operand) -> bool:
+        """A buffer or literal tensor operand: contracting a channel against it is a (frozen) weight
+        contraction, like ``h @ W_down``, not a meeting of two activations like ``q . k``."""
+        return op.path is not None and self.constant(arg_at(self.node, op.path)) is not None
+
+    def _broadcast_along(self, op: Operand, letter: str) -> bool:
+        """``op`` does not vary with the channels of ``letter``: no label there, or only a gather site
+        (an unlabelled axis, e.g. an MQA value repeated over the query heads of a bmm batch axis)."""
+        if letter not in op.letters:
+            return False
+        lab = op.labels[op.letters.index(letter)]
+        return lab is None or self.facts.spaces[lab.space].is_virtual
 
     def _ids(self, op: Operand, axes: list[int]) -> np.ndarray:
         return self.global_ids(op.labels, axes)
@@ -233,14 +251,18 @@ class Ctx:
                 lab = _survivor(op, lab, out_letters)
                 if best is None or _rank(lab, self.facts) > _rank(best, self.facts):
                     best = lab
-            if (
-                best is not None
-                and not best.full
-                and any(ch in op.letters and op.labels[op.letters.index(ch)] is None for op in carriers)
-            ):
+            if best is not None and not best.full and any(self._broadcast_along(op, ch) for op in carriers):
                 best = None
             out.append(best)
         return tuple(out)
+
+
+def arg_at(node: fx.Node, path: tuple) -> Any:
+    """The argument of ``node`` at ``path``: ``(i,)``, ``(i, j)`` into a list argument, or ``("kw", name)``."""
+    if path[0] == "kw":
+        return node.kwargs[path[1]]
+    value = node.args[path[0]]
+    return value[path[1]] if len(path) > 1 else value
 
 
 def _weight_in_output(op: Operand, out_letters: list[str]) -> float:

@@ -865,6 +865,7 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Labels:
             ),
         ]
         scores = ctx.combine(node, ops, letters)
+    _block_if_reduced(ctx, node, scores, [len(scores) - 1], "softmax (inside scaled_dot_product_attention)")
     probs = Operand(scores, score_shape, [*batch, "l", "s"], None, False)
     value = Operand(ctx.labels_or_none(v), ctx.shape(v), [*batch, "s", "v"], (2,), ctx.is_weight(v))
     return ctx.combine(node, [probs, value], [*batch, "l", "v"])

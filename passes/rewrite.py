@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from passes.analyse import Analysis, concrete
+from passes.analyse import Analysis, arg_at, concrete
 from passes.compaction import CompactionError, new_sizes, remap_index, remap_slice
 from passes.labels import Labels
 from passes.op_rules import arg, norm_dim, schema_name
@@ -73,17 +73,28 @@ def _kept(space, keep: np.ndarray) -> np.ndarray:
 
 
 def _slice_parameters(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
+    """``W <- index_select(W, dim, kept)`` for every sliced space; every alias of a shared parameter
+    (one tensor under two names, e.g. ``ModuleList([block, block])``) gets the same new tensor."""
+    aliases = _parameter_aliases(gm)
     for space in facts.spaces:
         if space.is_virtual or keep[space.offset : space.offset + space.size].all():
             continue
-        owner_name, _, leaf = space.param.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        old = getattr(owner, leaf)
+        old = gm.get_parameter(space.param)
         index = torch.as_tensor(_kept(space, keep), device=old.device)
         new = torch.nn.Parameter(
             old.detach().index_select(space.dim, index).clone(), requires_grad=old.requires_grad
         )
-        setattr(owner, leaf, new)
+        for name in aliases.get(space.param, [space.param]):
+            owner_name, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(owner_name) if owner_name else gm, leaf, new)
+
+
+def _parameter_aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Parameter name -> every name under which the same tensor is registered."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    return {name: names for names in by_tensor.values() for name in names}
 
 
 def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
@@ -93,7 +104,7 @@ def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
             continue
         node_name, path, axis = space.site
         node = nodes[node_name]
-        operand = _get_arg(node, path)
+        operand = arg_at(node, path)
         kept = _kept(space, keep)
         with gm.graph.inserting_before(node):
             if len(kept) and np.array_equal(kept, np.arange(kept[0], kept[0] + len(kept))):
@@ -108,13 +119,6 @@ def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
                 index = gm.graph.get_attr(buf)
                 gathered = gm.graph.call_function(aten.index_select.default, (operand, axis, index))
         _set_arg(node, path, gathered)
-
-
-def _get_arg(node: fx.Node, path: tuple):
-    if path[0] == "kw":
-        return node.kwargs[path[1]]
-    value = node.args[path[0]]
-    return value[path[1]] if len(path) > 1 else value
 
 
 def _set_arg(node: fx.Node, path: tuple, value) -> None:

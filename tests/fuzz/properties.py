@@ -42,19 +42,9 @@ class KnownBug:
     expected: object  # (Spec, Truth, granularity) -> dict[str, int]: the counts the current library gives
 
 
-def _memory_cross_vo(spec: Spec, truth, granularity: str) -> dict[str, int]:
-    # regression test: tests/fuzz/test_regressions.py::test_learned_memory_cross_attention_vo_group
-    counts = truth.expected_counts(granularity)
-    if granularity == "channel":
-        counts["vo"] -= spec.layers  # one cross-attention per layer; its vo group is silently dropped
-    elif spec.kv_heads > 1:
-        counts["head"] -= spec.layers  # and so is its head group
-    return counts
-
-
 KNOWN_BUGS: list[KnownBug] = [
-    KnownBug("cross-attention over a learned memory: vo group dropped", lambda s: s.cross == "memory",
-             _memory_cross_vo),
+    # none open; fixed: cross-attention over a learned memory dropped its vo group
+    # (tests/fuzz/test_regressions.py::test_learned_memory_cross_attention_vo_group)
 ]  # fmt: skip
 
 
@@ -68,14 +58,8 @@ class KnownCrash:
 
 
 KNOWN_CRASHES: list[KnownCrash] = [
-    # regression test: tests/fuzz/test_regressions.py::test_fused_qkv_mqa_bmm_runs
-    KnownCrash("fused qkv + MQA + bmm: view after bmm(p, v) keeps the old head_dim",
-               lambda s, g: s.qkv != "separate" and s.kv_heads == 1 < s.heads and s.attention == "bmm"
-               and g == "channel"),
-    # regression test: tests/fuzz/test_regressions.py::test_mqa_rotary_enable_gqa_head_granularity
-    KnownCrash("MQA + rotary + SDPA enable_gqa at head granularity: a 'head' group of q rows only",
-               lambda s, g: s.kv_heads == 1 < s.heads and s.gqa == "enable_gqa" and s.rotary != "none"
-               and g == "head"),
+    # none open; fixed: fused qkv + MQA + bmm (stale view literal) and MQA + rotary + enable_gqa at head
+    # granularity (q-only head group): tests/fuzz/test_regressions.py
 ]  # fmt: skip
 
 
