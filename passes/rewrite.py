@@ -112,13 +112,22 @@ def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
                     aten.slice.Tensor, (operand, axis, int(kept[0]), int(kept[0] + len(kept)))
                 )
             else:
-                buf = f"_ecospa_keep_{space.id}"
+                buf = _free_name(gm, f"_ecospa_keep_{space.id}")
                 val = operand.meta.get("val") if isinstance(operand, fx.Node) else None
                 device = val.device if isinstance(val, torch.Tensor) and not val.is_meta else "cpu"
                 gm.register_buffer(buf, torch.as_tensor(kept, dtype=torch.long, device=device), persistent=False)
                 index = gm.graph.get_attr(buf)
                 gathered = gm.graph.call_function(aten.index_select.default, (operand, axis, index))
         _set_arg(node, path, gathered)
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... if taken (a graph rewritten twice keeps its first buffers)."""
+    name, k = base, 0
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}_{k}"
+    return name
 
 
 def _set_arg(node: fx.Node, path: tuple, value) -> None:
