@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
 from passes.groups import CoupledUnits, build_groups, orphan_blockers
 from passes.importance import CRITERIA, ScoreInputs, score_groups
+from passes.importance.base import wanted_mask
+from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
 from passes.plan import PlanSettings, plan_groups, unit_costs
 from passes.rewrite import RewriteError, apply_plan, preflight
 from passes.verify import oracle_diff
@@ -44,7 +47,7 @@ def compress(
     calibration: batches of positional inputs shaped like ``example_inputs`` (needed by
         importance="activation" and "fisher"); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher").
     """
-    config = config or CompressConfig(sparsity=sparsity, **options)
+    config = _resolved(config or CompressConfig(sparsity=sparsity, **options), calibration)
     batches = _calibration(model, config, calibration, loss_fn)
     inputs = _checked(model, example_inputs)
     gm = _capture(model, inputs, dynamic_shapes)
@@ -59,10 +62,12 @@ def compress(
         apply_plan(compressed, analysis, keep)
     except RewriteError as err:
         raise EcospaError(f"rewrite failed, model left as it was: {err}") from err
+    deltas = _compensate(compressed, score_inputs, groups, keep) if config.compensate and config.sparsity else {}
     report.params_before = _count(gm)
     report.params_after = _count(compressed)
     if config.verify:
-        _verify(gm, compressed, inputs, report, config.atol, config.rtol)
+        _verify(with_output_biases(gm, deltas) if deltas else gm, compressed, inputs, report, config.atol, config.rtol)
+    compressed.ecospa_compensated = tuple(deltas)
     compressed.ecospa_report = report
     compressed.report = report
     compressed.ecospa_source = source_info(model, inputs)
@@ -98,6 +103,22 @@ def _capture(model, inputs, dynamic_shapes) -> fx.GraphModule:
         raise CaptureError(str(err)) from err.__cause__
 
 
+def _resolved(config: CompressConfig, calibration) -> CompressConfig:
+    """importance="auto": "activation" when calibration batches are given, else "magnitude"."""
+    if config.importance != "auto":
+        return config
+    return dataclasses.replace(config, importance="activation" if calibration else "magnitude")
+
+
+def _compensate(compressed: fx.GraphModule, score_inputs: ScoreInputs, groups, keep: np.ndarray) -> dict:
+    """Fold E[x_R] of removed channels into the biases of the W_o / W_down linears they fed (in place);
+    returns the deltas (node name -> tensor) so the oracle can add the same to the dense side."""
+    stats = sink_means(score_inputs, wanted_mask(score_inputs.facts, [g for g in groups if not g.reasons]))
+    deltas = bias_deltas(score_inputs.gm, stats, keep)
+    add_output_biases(compressed, deltas)
+    return deltas
+
+
 def _calibration(model, config: CompressConfig, calibration, loss_fn) -> list[tuple] | None:
     """Calibration batches as tuples of positional inputs; the criterion's needs checked up front."""
     criterion = CRITERIA[config.importance]
@@ -106,6 +127,8 @@ def _calibration(model, config: CompressConfig, calibration, loss_fn) -> list[tu
             f"importance={config.importance!r} needs calibration=[batch, ...] (tuples of positional inputs "
             "shaped like example_inputs)"
         )
+    if config.compensate and config.sparsity > 0 and not calibration:
+        raise InputError("compensate=True needs calibration=[batch, ...] (the removed channels' means)")
     if criterion.needs_loss and config.sparsity > 0 and not callable(loss_fn):
         raise InputError(f"importance={config.importance!r} needs loss_fn(outputs, batch) -> scalar tensor")
     if calibration is None:

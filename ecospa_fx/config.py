@@ -10,7 +10,7 @@ from passes.plan import ALLOCATIONS, BUDGETS
 
 KINDS = ("qk", "vo", "ffn", "head")
 GRANULARITIES = ("channel", "head")
-IMPORTANCES = tuple(CRITERIA)  # magnitude, activation, fisher, uncoupled, random
+IMPORTANCES = ("auto", *CRITERIA)  # auto, magnitude, activation, fisher, uncoupled, random
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class CompressConfig:
         heads (with their GQA query heads) and FFN channels.
     kinds: which group kinds may be pruned (others are left dense and listed as such).
     round_to: keep counts are rounded to multiples of this where the width allows (8 suits GEMM kernels).
-    importance: how units are ranked: "magnitude" (product of the coupled weights' norms, data-free),
+    importance: how units are ranked: "auto" (the default: "activation" when ``calibration`` is given,
+        else "magnitude"), "magnitude" (product of the coupled weights' norms, data-free),
         "activation" (expected squared contribution at the contraction sinks; needs ``calibration``),
         "fisher" (empirical Fisher of the unit masks; needs ``calibration`` and ``loss_fn``), and the
         baselines "uncoupled" (one matrix's own norms, the others follow by index) and "random".
@@ -33,6 +34,9 @@ class CompressConfig:
     max_sparsity: the per-group (per-layer) cap under global allocation.
     across_kinds: global allocation ranks qk, vo and ffn units in one pool (scores normalised per kind).
     seed: seed of the "random" criterion.
+    compensate: fold the calibration mean of every removed V/O and FFN channel into the output bias of
+        W_o / W_down (FLAP-style; ``b += W[:, R] @ E[x_R]``, a bias is created where there was none);
+        needs ``calibration``. The mask oracle then compares against the masked model plus the same biases.
     verify: check the result against the masked dense model (the mask oracle) on the example inputs.
     atol, rtol: verification passes when max|compressed - masked dense| <= atol + rtol * max|output|.
     """
@@ -41,12 +45,13 @@ class CompressConfig:
     granularity: str = "channel"
     kinds: tuple[str, ...] = field(default=KINDS)
     round_to: int = 8
-    importance: str = "magnitude"
+    importance: str = "auto"
     allocation: str = "uniform"
     budget: str = "channels"
     max_sparsity: float = 0.9
     across_kinds: bool = False
     seed: int = 0
+    compensate: bool = False
     verify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-5
@@ -70,6 +75,8 @@ class CompressConfig:
             raise InputError(f"round_to must be a positive int, got {self.round_to!r}")
         if self.importance not in IMPORTANCES:
             raise InputError(f"unknown importance {self.importance!r}; choose from {IMPORTANCES}")
+        if not isinstance(self.compensate, bool):
+            raise InputError(f"compensate must be True or False, got {self.compensate!r}")
         if self.allocation not in ALLOCATIONS:
             raise InputError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.budget not in BUDGETS:

@@ -75,3 +75,42 @@ def test_new_config_fields_are_validated():
         CompressConfig(budget="bytes")
     with pytest.raises(InputError, match="max_sparsity"):
         CompressConfig(max_sparsity=0.0)
+
+
+@pytest.mark.parametrize(("name", "granularity"), [("hf_llama_gqa", "channel"), ("hf_bert", "channel"),
+                                                   ("hf_llama_gqa", "head")])
+def test_compensation_passes_the_oracle_and_adds_output_biases(name, granularity):
+    """The oracle compares against masked dense + the same biases, so it stays exact; the biases exist
+    (created on bias-free Llama linears) and make the output differ from the uncompensated model."""
+    case = case_by_name(name)
+    model, inputs = case.build(), case.inputs()
+    kw = {"granularity": granularity, "importance": "activation", "calibration": [inputs], "round_to": 1}
+    plain = ecospa_fx.compress(model, inputs, 0.5, **kw)
+    out = ecospa_fx.compress(model, inputs, 0.5, compensate=True, **kw)
+    assert out.ecospa_report.max_abs_diff < 1e-4
+    assert len(out.ecospa_compensated) >= 2  # W_o and W_down of at least one layer
+    for node in out.ecospa_compensated:
+        assert out.get_parameter(f"_ecospa_bias_{node}").ndim == 1
+    with torch.no_grad():
+        assert (_first(out(*inputs)) - _first(plain(*inputs))).abs().max() > 1e-6
+
+
+def _first(y):
+    return y if isinstance(y, torch.Tensor) else y[0]
+
+
+def test_auto_importance_is_data_aware_with_calibration(llama):
+    model, inputs, calibration = llama
+    assert CompressConfig().importance == "auto"
+    auto = ecospa_fx.compress(model, inputs, 0.5, calibration=calibration)
+    act = ecospa_fx.compress(model, inputs, 0.5, importance="activation", calibration=calibration)
+    mag = ecospa_fx.compress(model, inputs, 0.5, importance="magnitude")
+    assert auto.ecospa_report.removed == act.ecospa_report.removed
+    assert ecospa_fx.compress(model, inputs, 0.5).ecospa_report.removed == mag.ecospa_report.removed
+    assert act.ecospa_report.removed != mag.ecospa_report.removed
+
+
+def test_compensation_needs_calibration(llama):
+    model, inputs, _ = llama
+    with pytest.raises(InputError, match="compensate"):
+        ecospa_fx.compress(model, inputs, 0.5, compensate=True)
