@@ -41,6 +41,8 @@ from passes.capture import capture
 from passes.dataflow import analyse
 from passes.groups import build_groups
 from passes.importance import ScoreInputs, score_groups
+from passes.importance.base import wanted_mask
+from passes.importance.compensate import SinkMeans, add_output_biases, bias_deltas, sink_means
 from passes.plan import PlanSettings, plan_groups, unit_costs
 from passes.rewrite import apply_plan
 
@@ -87,6 +89,7 @@ class Prunable:
     analysis: object = None
     groups: list = field(default_factory=list)
     params: dict = field(default_factory=dict)
+    last_keep: np.ndarray | None = None
 
     def __post_init__(self):
         with torch.no_grad():
@@ -100,7 +103,14 @@ class Prunable:
         inputs = ScoreInputs(self.gm, facts, self.params, labels, calibration, loss_fn, seed)
         return score_groups(criterion, self.groups, inputs)
 
-    def compressed(self, scores, sparsity: float, allocation: str = "uniform", budget: str = "channels"):
+    def means(self, calibration) -> SinkMeans:
+        """E[x] at every W_o / W_down input column over ``calibration`` (for bias compensation)."""
+        facts, labels = self.analysis.facts, self.analysis.labels
+        inputs = ScoreInputs(self.gm, facts, self.params, labels, calibration)
+        return sink_means(inputs, wanted_mask(facts, self.groups))
+
+    def compressed(self, scores, sparsity: float, allocation: str = "uniform", budget: str = "channels",
+                   means: SinkMeans | None = None):
         facts = self.analysis.facts
         settings = PlanSettings(sparsity, 1, "channel", allocation, budget, 0.9)
         costs = unit_costs(self.groups, facts, self.params, budget)
@@ -112,7 +122,44 @@ class Prunable:
         keep = _reconcile(self.groups, self.analysis, keep, Report(sparsity=sparsity, granularity="channel"))
         out = copy.deepcopy(self.gm)
         apply_plan(out, self.analysis, keep)
+        if means is not None:
+            add_output_biases(out, bias_deltas(self.gm, means, keep))
+        self.last_keep = keep
         return out
+
+    def allocation(self, keep: np.ndarray) -> dict[str, list[float]]:
+        """Per kind: the fraction of each group's channels removed, in layer order."""
+        out: dict[str, list[float]] = {}
+        for group in self.groups:
+            out.setdefault(group.kind, []).append(round(1.0 - float(keep[group.channels].mean()), 3))
+        return out
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """A table row ``criterion[+global][+norm][+comp]``: ``global`` plans globally by parameters
+    (``allocation="global", budget="params"``), ``norm`` divides each group's scores by their sum (a unit's
+    share of its group), ``comp`` adds bias compensation of the removed V/O and FFN channels."""
+
+    criterion: str
+    allocation: str = "uniform"
+    normalise: bool = False
+    compensate: bool = False
+
+    @classmethod
+    def parse(cls, row: str) -> RowSpec:
+        criterion, *mods = row.split("+")
+        unknown = set(mods) - {"global", "norm", "comp"}
+        if unknown:
+            raise SystemExit(f"unknown row modifiers {sorted(unknown)} in {row!r}")
+        return cls(criterion, "global" if "global" in mods else "uniform", "norm" in mods, "comp" in mods)
+
+    @property
+    def budget(self) -> str:
+        return "params" if self.allocation == "global" else "channels"
+
+    def transform(self, scores: list[np.ndarray]) -> list[np.ndarray]:
+        return [s / max(float(s.sum()), 1e-300) for s in scores] if self.normalise else scores
 
 
 def n_params(module: nn.Module) -> int:
@@ -246,19 +293,31 @@ def bench_smollm2(args, log) -> dict:
         "dense": {"ppl": dense_ppl, "params": n_params(prunable.gm)},
         "rows": {}, "timings": {"dense_eval_s": dense_s},
     }
+    cache: dict[str, list] = {}
     for row in args.rows:
-        criterion, _, allocation = row.partition("+")
+        spec = RowSpec.parse(row)
         t0 = time.time()
-        scores = prunable.scores(criterion, calibration, lm_loss, args.seed)
-        out["timings"][f"score_{row}_s"] = time.time() - t0
-        log(f"{row}: scored in {time.time() - t0:.0f} s")
+        if spec.criterion not in cache:
+            cache[spec.criterion] = prunable.scores(spec.criterion, calibration, lm_loss, args.seed)
+            out["timings"][f"score_{spec.criterion}_s"] = time.time() - t0
+            log(f"{spec.criterion}: scored in {time.time() - t0:.0f} s")
+        scores = spec.transform(cache[spec.criterion])
+        if spec.compensate and "means" not in cache:
+            t0 = time.time()
+            cache["means"] = prunable.means(calibration)
+            out["timings"]["compensation_means_s"] = time.time() - t0
         for ratio in args.ratios:
             t0 = time.time()
-            budget = "params" if allocation == "global" else "channels"
-            compressed = prunable.compressed(scores, ratio, allocation or "uniform", budget)
+            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget,
+                                             cache.get("means") if spec.compensate else None)
             ppl = perplexity(compressed, evaluation)
-            out["rows"].setdefault(row, {})[str(ratio)] = {"ppl": ppl, "params": n_params(compressed)}
+            cell = {"ppl": ppl, "params": n_params(compressed)}
+            if spec.allocation == "global":
+                cell["removed_per_layer"] = prunable.allocation(prunable.last_keep)
+            out["rows"].setdefault(row, {})[str(ratio)] = cell
             log(f"  {row} {ratio:.0%}: ppl {ppl:.2f}, params {n_params(compressed):,} ({time.time() - t0:.0f} s)")
+            if "removed_per_layer" in cell:
+                log(f"    removed per layer: {cell['removed_per_layer']}")
             del compressed
     if args.tp_timeout > 0:
         out["torch_pruning"] = torch_pruning_on_llama(args.tp_timeout)
@@ -394,11 +453,11 @@ def bench_minilm(args, log) -> dict:
         "rows": {},
     }
     for row in args.rows:
-        criterion, _, allocation = row.partition("+")
-        scores = prunable.scores(criterion, calibration, embedding_loss, args.seed)
+        spec = RowSpec.parse(row)
+        scores = spec.transform(prunable.scores(spec.criterion, calibration, embedding_loss, args.seed))
+        means = prunable.means(calibration) if spec.compensate else None
         for ratio in args.ratios:
-            budget = "params" if allocation == "global" else "channels"
-            compressed = prunable.compressed(scores, ratio, allocation or "uniform", budget)
+            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means)
             cos, top1 = fidelity(compressed, dense_emb, evaluation)
             out["rows"].setdefault(row, {})[str(ratio)] = {"cos": cos, "top1": top1, "params": n_params(compressed)}
             log(f"  minilm {row} {ratio:.0%}: cos {cos:.4f} top1 {top1:.3f} params {n_params(compressed):,}")
@@ -453,7 +512,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,minilm")
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    parser.add_argument("--rows", default=",".join(CRITERIA), help="criteria; 'name+global' plans globally by params")
+    parser.add_argument("--rows", default=",".join(CRITERIA),
+                        help="criteria, each optionally +global (plan globally by params), +norm (scores as a share "
+                        "of their group), +comp (bias compensation)")
     parser.add_argument("--seq", type=int, default=256, help="SmolLM2 window length (tokens)")
     parser.add_argument("--calib", type=int, default=8, help="SmolLM2 calibration windows")
     parser.add_argument("--eval-windows", type=int, default=4, help="SmolLM2 evaluation windows")

@@ -48,6 +48,8 @@ def compress(
         importance="activation" and "fisher"); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher").
     """
     config = _resolved(config or CompressConfig(sparsity=sparsity, **options), calibration)
+    if config.granularity == "auto":
+        return _auto_granularity(model, example_inputs, config, dynamic_shapes, calibration, loss_fn)
     batches = _calibration(model, config, calibration, loss_fn)
     inputs = _checked(model, example_inputs)
     gm = _capture(model, inputs, dynamic_shapes)
@@ -79,6 +81,8 @@ def discover(
 ) -> Report:
     """The coupled groups of ``model`` (nothing removed, nothing changed). Works on meta-device models."""
     CompressConfig(sparsity=0.0, granularity=granularity)
+    if granularity == "auto":
+        raise InputError("discover() needs granularity 'channel' or 'head' ('auto' is a compress option)")
     inputs = _checked(model, example_inputs, allow_meta=True)
     gm = _capture(model, inputs, dynamic_shapes)
     analysis = analyse(gm)
@@ -101,6 +105,16 @@ def _capture(model, inputs, dynamic_shapes) -> fx.GraphModule:
         return capture(model, inputs, dynamic_shapes)
     except CaptureFailed as err:
         raise CaptureError(str(err)) from err.__cause__
+
+
+def _auto_granularity(model, example_inputs, config: CompressConfig, dynamic_shapes, calibration, loss_fn):
+    """granularity="auto": compress at "channel" and "head", keep the one faster on the example inputs."""
+    from ecospa_fx.latency import choose_granularity
+
+    choice = choose_granularity(model, example_inputs, config=config, dynamic_shapes=dynamic_shapes,
+                                calibration=calibration, loss_fn=loss_fn)
+    choice.model.ecospa_granularity_costs = choice.costs
+    return choice.model
 
 
 def _resolved(config: CompressConfig, calibration) -> CompressConfig:
@@ -195,19 +209,20 @@ def _param_names(group: CoupledUnits, facts: CouplingFacts) -> tuple[str, ...]:
 
 def _report_group(group: CoupledUnits, facts: CouplingFacts, keep: np.ndarray) -> Group:
     members, sites = [], []
+    channels = group.channels
     for sid in group.spaces:
         space = facts.spaces[sid]
         local = keep[space.offset : space.offset + space.size]
         in_group = np.zeros(space.size, dtype=bool)
-        channels = group.channels
         mine = channels[(channels >= space.offset) & (channels < space.offset + space.size)] - space.offset
         in_group[mine] = True
-        removed = tuple(int(i) for i in np.flatnonzero(in_group & ~local))
+        removed = tuple(np.flatnonzero(in_group & ~local).tolist())
         if space.is_virtual:
             sites.append(f"{space.site[0]}[arg {space.site[1]}, axis {space.site[2]}]")
         else:
             members.append(Member(space.param, space.dim, space.size, removed))
-    units_removed = sum(not keep[u].any() for u in group.units)
+    starts = np.cumsum([0] + [len(u) for u in group.units[:-1]])
+    units_removed = int((~np.logical_or.reduceat(keep[channels], starts)).sum()) if group.units else 0
     return Group(group.kind, tuple(members), len(group.units), units_removed, tuple(sites))
 
 

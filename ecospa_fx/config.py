@@ -9,7 +9,7 @@ from passes.importance import CRITERIA
 from passes.plan import ALLOCATIONS, BUDGETS
 
 KINDS = ("qk", "vo", "ffn", "head")
-GRANULARITIES = ("channel", "head")
+GRANULARITIES = ("channel", "head", "auto")
 IMPORTANCES = ("auto", *CRITERIA)  # auto, magnitude, activation, fisher, uncoupled, random
 
 
@@ -19,7 +19,9 @@ class CompressConfig:
 
     sparsity: fraction of each group's channels (or heads) removed, in [0, 1).
     granularity: "channel" prunes head_dim channels (qk, vo groups) and FFN channels; "head" removes whole
-        heads (with their GQA query heads) and FFN channels.
+        heads (with their GQA query heads) and FFN channels; "auto" compresses at both and keeps the one
+        that runs faster on the example inputs (eager PyTorch, ``ecospa_fx.latency.choose_granularity``;
+        call that directly for other targets or an injected cost model).
     kinds: which group kinds may be pruned (others are left dense and listed as such).
     round_to: keep counts are rounded to multiples of this where the width allows (8 suits GEMM kernels).
     importance: how units are ranked: "auto" (the default: "activation" when ``calibration`` is given,
