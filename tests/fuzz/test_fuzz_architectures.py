@@ -18,7 +18,7 @@ model.
 Sizes:
 * CI (default): a fixed seed and a bounded number of examples (about 90 s on 2 cores).
 * Nightly: ``ECOSPA_FUZZ_EXAMPLES=2000 pytest tests/fuzz -q`` (same test, more examples);
-  ``ECOSPA_FUZZ_SEED`` changes the seed.
+  ``ECOSPA_FUZZ_SEED`` changes the seed, ``ECOSPA_FUZZ_ONNX_EXAMPLES`` the ONNX subset (default a tenth).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tests.fuzz.properties import (
 CI_EXAMPLES = 20
 SEED = int(os.environ.get("ECOSPA_FUZZ_SEED", "20251123"))
 EXAMPLES = int(os.environ.get("ECOSPA_FUZZ_EXAMPLES", "0")) or CI_EXAMPLES
-ONNX_EXAMPLES = max(3, EXAMPLES // 10)
+ONNX_EXAMPLES = int(os.environ.get("ECOSPA_FUZZ_ONNX_EXAMPLES", "0")) or max(3, EXAMPLES // 10)
 RUN_INFO = {
     "seed": SEED,
     "max_examples": EXAMPLES,
