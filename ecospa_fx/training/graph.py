@@ -28,15 +28,16 @@ def capture_trainable(model: torch.nn.Module, example_inputs: tuple, dynamic_sha
     if isinstance(model, CausalLMGraph):
         return model.graph_module
     if isinstance(model, fx.GraphModule) and any("val" in n.meta for n in model.graph.nodes):
-        _allow_mode_switch(model)
+        allow_mode_switch(model)
         return model
     gm = _capture(model, example_inputs, dynamic_shapes)
-    _allow_mode_switch(gm)
+    allow_mode_switch(gm)
     gm.ecospa_source = source_info(model, example_inputs)
     return gm
 
 
-def _allow_mode_switch(gm: fx.GraphModule) -> None:
+def allow_mode_switch(gm: torch.nn.Module) -> None:
+    """Undo ``ExportedProgram.module()``'s refusal of ``train()``/``eval()`` (the graph has no mode)."""
     for name in ("train", "eval"):
         if name in gm.__dict__:
             delattr(gm, name)
@@ -93,3 +94,14 @@ class CausalLMGraph(torch.nn.Module):
         if labels is not None:
             out = {"loss": causal_lm_loss(logits, labels), **out}
         return out
+
+
+def example_inputs_of(gm: fx.GraphModule) -> tuple:
+    """Placeholder-shaped example inputs (zeros) from a captured graph's ``meta["val"]``."""
+    out = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ValueError(f"input {node.name} has no recorded tensor value: pass example_inputs")
+        out.append(torch.zeros([int(s) for s in val.shape], dtype=val.dtype))
+    return tuple(out)

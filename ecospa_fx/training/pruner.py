@@ -89,7 +89,7 @@ class EcoSpaPruner:
         *,
         importance: str = "auto",
         granularity: str = "channel",
-        kinds: tuple[str, ...] = ("qk", "vo", "ffn"),
+        kinds: tuple[str, ...] = ("qk", "vo", "ffn", "head"),
         round_to: int = 8,
         dynamic_shapes: Any = None,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
@@ -118,6 +118,11 @@ class EcoSpaPruner:
         self._discovery: _Discovery | None = None
         self._taylor: list[np.ndarray] | None = None
         self._observed = 0
+
+    @property
+    def origin(self) -> dict[tuple[str, int], np.ndarray]:
+        """(param, dim) -> the dense index of every current position along that dim (dims seen so far)."""
+        return {k: v.copy() for k, v in self._origin.items()}
 
     # ------------------------------------------------------------------------------ loop hooks
     def observe(self) -> None:
