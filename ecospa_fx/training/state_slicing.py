@@ -46,7 +46,7 @@ class ParamSlice:
 def unwrap(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside a wrapper (accelerate's ``AcceleratedOptimizer`` keeps it as ``.optimizer``)."""
     inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+    while type(inner) not in SLICEABLE and hasattr(inner, "optimizer"):
         inner = inner.optimizer
     return inner
 

@@ -53,7 +53,11 @@ def _train(pruner, opt, data, steps, check=None):
         pruner.observe()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        snap = _snapshot(pruner, opt) if check is not None and pruner.schedule.is_prune_step(pruner.step_count + 1) else None
+        snap = (
+            _snapshot(pruner, opt)
+            if check is not None and pruner.schedule.is_prune_step(pruner.step_count + 1)
+            else None
+        )
         if pruner.step() and snap is not None:
             check.append(_check_restricted(snap, pruner, opt))
         losses.append(loss.item())

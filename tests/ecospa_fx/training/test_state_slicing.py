@@ -47,7 +47,7 @@ def test_state_is_the_dense_state_restricted_to_kept_indices(opt_cls, kw):
 def test_unsupported_optimizer_is_refused_before_capture():
     model = tiny_llama()
     opt = torch.optim.LBFGS(model.parameters())
-    with pytest.raises(UnsupportedOptimizer, match="LBFGS.*AdamW"):
+    with pytest.raises(UnsupportedOptimizer, match=r"LBFGS.*AdamW"):
         EcoSpaPruner(model, (batches(1)[0],), opt, PruneSchedule(0, 4, 0.5))
 
 
