@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from passes.coupling_state import Contraction, CouplingFacts
+from passes.coupling_state import Contraction, CouplingFacts, unique_ids
 from passes.labels import AxisLabel, Labels, identity_label, spaces_of
 from passes.meet import Operand, gqa_expand, letter_sizes, tie_operands
 
@@ -101,7 +101,7 @@ class Ctx:
                 grid = np.add.outer(grid, labels[a].arr).ravel()
             grid = np.add.outer(grid, labels[use[0]].offsets).ravel()
             ids.append(grid + self.facts.spaces[space].offset)
-        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+        return unique_ids(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
 
     def block_labels(self, labels: Labels | None, scope: str, reason: str, node: fx.Node) -> None:
         if labels is not None and any(lab is not None for lab in labels):

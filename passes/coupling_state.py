@@ -32,6 +32,15 @@ FLAGS = (
 SCOPES = ("all", "channel", "head")
 
 
+def unique_ids(ids: np.ndarray) -> np.ndarray:
+    """Sorted unique values of a 1-D array, by sorting: ``np.unique`` of numpy >= 2.3 takes a hash path that
+    is superlinear here (8.5 s vs 0.06 s on 3M channel ids), which made discovery superlinear in layers."""
+    out = np.sort(np.asarray(ids).ravel())
+    if len(out) > 1:
+        out = out[np.concatenate(([True], out[1:] != out[:-1]))]
+    return out
+
+
 @dataclass(frozen=True)
 class Contraction:
     """One contraction the analysis saw (an einsum-style meeting with contracted letters), kept for the
@@ -83,11 +92,11 @@ class CouplingFacts:
             self.ties[kind].append((a[keep].copy(), b[keep].copy()))
 
     def flag(self, name: str, channels: np.ndarray) -> None:
-        self.flags[name].append(np.unique(np.asarray(channels, dtype=np.int64).ravel()))
+        self.flags[name].append(unique_ids(np.asarray(channels, dtype=np.int64).ravel()))
 
     def block(self, channels: np.ndarray, scope: str, reason: str, node: str) -> None:
         assert scope in SCOPES
-        self.blockers.append(Blocker(np.unique(np.asarray(channels).ravel()), scope, reason, node))
+        self.blockers.append(Blocker(unique_ids(np.asarray(channels).ravel()), scope, reason, node))
 
     def note_block_size(self, space: int, size: int) -> None:
         if size > 1:

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from passes.coupling_state import CouplingFacts
+from passes.coupling_state import CouplingFacts, unique_ids
 
 GRANULARITIES = ("channel", "head")
 
@@ -82,31 +82,58 @@ def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
     chans = np.flatnonzero(tied | flags["produced"])
     chans = chans[np.argsort(comp[chans], kind="stable")]
     _, starts = np.unique(comp[chans], return_index=True)
-    units = np.split(chans, starts[1:])
+    ends = np.append(starts[1:], len(chans))
+    units = [chans[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]  # np.split is 3x slower
     kinds = _unit_kinds(flags, chans, starts, granularity)
     kind_ids = {k: i for i, k in enumerate(sorted(set(kinds)))}
     unit_of_chan = np.repeat(np.arange(len(units)), np.diff(np.append(starts, len(chans))))
     kind_of_unit = np.array([kind_ids[k] for k in kinds], dtype=np.int64)
     # space-level graph: node (kind, space); a unit links every space it touches to its first one
-    unit_space = np.unique(np.stack([unit_of_chan, owner[chans]], axis=1), axis=0)
+    unit_space = _unique_rows(unit_of_chan, owner[chans])
     first_space = np.full(len(units), -1, dtype=np.int64)
     first_space[unit_space[::-1, 0]] = unit_space[::-1, 1]
-    links = np.unique(np.stack([kind_of_unit[unit_space[:, 0]], first_space[unit_space[:, 0]],
-                                unit_space[:, 1]], axis=1), axis=0)
+    links = _unique_rows(kind_of_unit[unit_space[:, 0]], first_space[unit_space[:, 0]], unit_space[:, 1])
     graph = nx.Graph()
     graph.add_edges_from(((int(k), int(a)), (int(k), int(b))) for k, a, b in links)
     component = {node: i for i, nodes in enumerate(nx.connected_components(graph)) for node in nodes}
-    members: dict[int, list[int]] = {}
-    for u in range(len(units)):
-        members.setdefault(component[(int(kind_of_unit[u]), int(first_space[u]))], []).append(u)
     groups = []
-    for unit_list in members.values():
+    for unit_list in _units_by_component(component, kind_of_unit, first_space):
         group = _make_group(facts, flags, owner, [units[u] for u in unit_list], kinds[unit_list[0]], granularity)
         if group is not None:
             groups.append(group)
     _attach_blocking_reasons(facts, groups, granularity)
-    groups.sort(key=lambda g: int(g.channels.min()))
+    groups.sort(key=lambda g: int(g.units[0][0]))  # units ascend, sorted by first channel
     return groups
+
+
+def _units_by_component(component: dict, kind_of_unit: np.ndarray, first_space: np.ndarray) -> list[list[int]]:
+    """Unit indices (ascending) per component of the space graph, components in order of their first unit."""
+    base = int(first_space.max()) + 1 if len(first_space) else 1
+    codes, inverse = np.unique(kind_of_unit * base + first_space, return_inverse=True)
+    comp_of_code = np.array([component[(int(c) // base, int(c) % base)] for c in codes], dtype=np.int64)
+    comp_of_unit = comp_of_code[inverse.ravel()]
+    order = np.argsort(comp_of_unit, kind="stable")
+    pieces = np.split(order, np.flatnonzero(np.diff(comp_of_unit[order])) + 1) if len(order) else []
+    return sorted((p.tolist() for p in pieces), key=lambda p: p[0])
+
+
+def _unique_rows(*columns: np.ndarray) -> np.ndarray:
+    """``np.unique(np.stack(columns, axis=1), axis=0)`` for non-negative int columns, via one int64 key per
+    row (a 1-D sort instead of a row sort: seconds saved on 70B-sized graphs)."""
+    cols = [np.asarray(c, dtype=np.int64) for c in columns]
+    if not len(cols[0]):
+        return np.zeros((0, len(cols)), dtype=np.int64)
+    bases = [int(c.max()) + 1 for c in cols]
+    if float(np.prod(bases, dtype=np.float64)) >= 2.0**62:
+        return np.unique(np.stack(cols, axis=1), axis=0)
+    key = np.zeros(len(cols[0]), dtype=np.int64)
+    for c, base in zip(cols, bases, strict=True):
+        key = key * base + c
+    key = unique_ids(key)
+    out = np.empty((len(key), len(cols)), dtype=np.int64)
+    for i in range(len(cols) - 1, -1, -1):
+        key, out[:, i] = np.divmod(key, bases[i])
+    return out
 
 
 KIND_NAMES = ("hidden", "head", "qk", "vo", "ffn", "other")
@@ -128,9 +155,9 @@ def _make_group(facts, flags, owner, units, kind, granularity) -> CoupledUnits |
     channels = np.concatenate(units)
     if not flags["produced"][channels].any():
         return None  # no weight produces these channels: input-side (hidden) positions only
-    spaces = sorted({int(s) for s in np.unique(owner[channels])})
+    spaces = unique_ids(owner[channels]).tolist()
     blocks = {s: facts.block_size[s] for s in spaces if s in facts.block_size}
-    group = CoupledUnits(kind, sorted(units, key=lambda u: int(u.min())), spaces, blocks)
+    group = CoupledUnits(kind, sorted(units, key=lambda u: int(u[0])), spaces, blocks)  # units ascend
     if kind == "hidden":
         group.reasons.append("hidden (residual) dimension: off by default (norms over it make it inexact)")
     if granularity == "head" and kind in ("qk", "vo"):
@@ -147,7 +174,7 @@ def _attach_blocking_reasons(facts: CouplingFacts, groups: list[CoupledUnits], g
         if blocker.scope not in ("all", granularity):
             continue
         text = f"{blocker.reason} (node {blocker.node})"
-        for gi in np.unique(group_of[blocker.channels]):
+        for gi in unique_ids(group_of[blocker.channels]):
             if gi >= 0 and text not in groups[gi].reasons:
                 groups[gi].reasons.append(text)
 
@@ -161,7 +188,7 @@ def orphan_blockers(facts: CouplingFacts, groups: list[CoupledUnits]) -> list[tu
     for blocker in facts.blockers:
         names = {
             facts.spaces[s].param
-            for s in np.unique(owner[blocker.channels])
+            for s in unique_ids(owner[blocker.channels])
             if s not in covered and not facts.spaces[s].is_virtual
         }
         if names:

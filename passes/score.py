@@ -12,7 +12,19 @@ import numpy as np
 import torch
 
 from passes.coupling_state import CouplingFacts
-from passes.groups import CoupledUnits, space_of_channel
+from passes.groups import CoupledUnits
+
+
+def space_norms(space, params: dict[str, torch.Tensor]) -> np.ndarray | None:
+    """Squared L2 norm of every channel slice of one space (float32 sums); None for vectors, virtual spaces
+    and meta-device weights."""
+    if space.is_virtual:
+        return None
+    weight = params[space.param]
+    if weight.ndim < 2 or weight.is_meta:
+        return None
+    flat = weight.detach().float().transpose(0, space.dim).reshape(space.size, -1)
+    return (flat * flat).sum(1).cpu().numpy()
 
 
 def channel_norms(facts: CouplingFacts, params: dict[str, torch.Tensor], spaces: list[int]) -> np.ndarray:
@@ -20,30 +32,33 @@ def channel_norms(facts: CouplingFacts, params: dict[str, torch.Tensor], spaces:
     out = np.full(facts.n_channels, np.nan)
     for sid in spaces:
         space = facts.spaces[sid]
-        if space.is_virtual:
-            continue
-        weight = params[space.param]
-        if weight.ndim < 2 or weight.is_meta:
-            continue
-        flat = weight.detach().float().transpose(0, space.dim).reshape(space.size, -1)
-        out[space.offset : space.offset + space.size] = (flat * flat).sum(1).cpu().numpy()
+        norms = space_norms(space, params)
+        if norms is not None:
+            out[space.offset : space.offset + space.size] = norms
     return out
 
 
 def coupled_magnitude(
     group: CoupledUnits, facts: CouplingFacts, params: dict[str, torch.Tensor]
 ) -> np.ndarray:
-    """One score per unit of ``group`` (see module docstring)."""
-    sq = channel_norms(facts, params, group.spaces)
-    owner = space_of_channel(facts)
+    """One score per unit of ``group`` (see module docstring); units with no weight slice score 1.
+
+    Vectorised over the group's own channels (no array over all channels of the model), with the same
+    summation and product order as a per-unit loop: channels ascending, spaces ascending."""
+    lengths = np.array([len(u) for u in group.units], dtype=np.int64)
+    chans = np.concatenate(group.units)
+    unit_of = np.repeat(np.arange(len(group.units)), lengths)
     scores = np.ones(len(group.units))
-    for i, unit in enumerate(group.units):
-        vals = sq[unit]
-        valid = ~np.isnan(vals)
-        if not valid.any():
+    for sid in group.spaces:
+        space = facts.spaces[sid]
+        norms = space_norms(space, params)
+        if norms is None:
             continue
-        per_space = {}
-        for ch, v in zip(owner[unit][valid], vals[valid], strict=True):
-            per_space[ch] = per_space.get(ch, 0.0) + v
-        scores[i] = float(np.prod(np.sqrt(list(per_space.values()))))
+        mine = (chans >= space.offset) & (chans < space.offset + space.size)
+        if not mine.any():
+            continue
+        sums = np.bincount(unit_of[mine], weights=norms[chans[mine] - space.offset].astype(np.float64),
+                           minlength=len(group.units))
+        present = np.bincount(unit_of[mine], minlength=len(group.units)) > 0
+        scores = np.where(present, scores * np.sqrt(sums), scores)
     return scores
