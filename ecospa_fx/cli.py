@@ -1,146 +1,248 @@
-"""The ``ecospa-fx`` command line: ``demo`` (the main job), ``inspect`` (groups of a local model)."""
+"""ecospa-fx: coupled structured compression of transformers (torch.export / FX), from the terminal.
+
+MODEL is a local Hugging Face model directory (config.json + weights, or a GGUF file with --gguf-file) or,
+where noted, an ecospa_fx artifact (a directory written by `compress`). Nothing is fetched from the hub.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Any, NoReturn
 
-from rich.console import Console
-from rich.table import Table
+from ecospa_fx.cli_ui import Ui
+from ecospa_fx.errors import EcospaError, VerificationError
 
-from ecospa_fx.errors import EcospaError
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_VERIFY, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    bad input: a path, model, text file or setting that cannot be used (the message says what to do)
+  {EXIT_USAGE}    bad command line (unknown option, invalid choice such as an unknown --importance)
+  {EXIT_PARITY}    export: onnxruntime differs from PyTorch by more than --atol
+  {EXIT_VERIFY}    the compressed model differs from the masked dense model (a bug: please report it)
+  {EXIT_INTERNAL}    unexpected internal error (a bug: rerun with --debug and report the traceback)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 
-EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 1
+--json prints one JSON object on stdout (also on failure: {{"ok": false, "error": ..., "exit_code": ...}});
+--quiet prints only the one-line result; errors are one line on stderr, with a traceback only under --debug."""
+IMPORTANCES = ("auto", "magnitude", "activation", "fisher", "uncoupled", "random")
+KINDS = ("qk", "vo", "ffn", "head")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, where to look) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecospa-fx", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compress the packaged all-MiniLM-L6-v2, export to ONNX, measure")
-    demo.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5])
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--seq", type=int, default=128)
-    demo.add_argument("--repeats", type=int, default=10)
-    demo.add_argument("--json", action="store_true", help="print results as JSON")
-    inspect = sub.add_parser("inspect", help="show the coupled groups of a local Hugging Face model")
-    _model_args(inspect)
-    comp = sub.add_parser("compress", help="compress a local Hugging Face model and save the artifact")
-    _model_args(comp)
-    comp.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group removed")
-    comp.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    comp.add_argument("--json", action="store_true", help="print the report as JSON")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = OneLineParser(prog="ecospa-fx", description=__doc__, epilog=EXIT_CODES, formatter_class=fmt)
+    _mode_flags(parser, argparse_default=False)
+    parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = OneLineParser(add_help=False)
+    _mode_flags(common, argparse_default=argparse.SUPPRESS)
+
+    def add(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=summary, description=description, epilog=EXIT_CODES, formatter_class=fmt, parents=[common]
+        )
+
+    _demo_args(
+        add(
+            "demo",
+            "compress the packaged all-MiniLM-L6-v2, export to ONNX, print quality and speed",
+            "The main job: compress the packaged all-MiniLM-L6-v2 at each --sparsity (activation-aware "
+            "scores), export to ONNX and print parameters, embedding fidelity and latency.",
+        )
+    )
+    _inspect_args(
+        add(
+            "inspect",
+            "show the coupled groups of a model, per layer, changing nothing",
+            "Discover the coupled groups (qk, vo, ffn, or head) of MODEL and print them by layer with "
+            "widths, plus what stays dense and why. MODEL: a model directory or an artifact.",
+        )
+    )
+    _compress_args(
+        add(
+            "compress",
+            "compress a model and write the artifact, report and figure",
+            "Compress MODEL and write OUT/: model.safetensors + ecospa.json (reload with "
+            "ecospa_fx.load), report.html and report.png (kept width per layer and kind), the "
+            "tokenizer, and hf/ (config.json + weights for transformers) when the kept widths are "
+            "uniform and a config describes the model exactly.",
+        )
+    )
+    _export_args(
+        add(
+            "export",
+            "export a model or an artifact to ONNX, checked in onnxruntime",
+            "Export MODEL (a model directory, compressed first when --sparsity > 0, or an artifact) "
+            "to ONNX with dynamic batch/seq, run onnx.checker and compare onnxruntime with PyTorch.",
+        )
+    )
+    _eval_args(
+        add(
+            "eval",
+            "perplexity (causal LM) or embedding fidelity (encoder) on a text file",
+            "Evaluate MODEL (a model directory or an artifact) on a UTF-8 text file.\n\n" + _eval_protocol(),
+        )
+    )
     return parser
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", type=Path, help="local Hugging Face model directory (no hub access)")
-    p.add_argument("--gguf-file", help="GGUF file inside model_dir, loaded as transformers does")
-    p.add_argument("--seq", type=int, default=16, help="example sequence length")
-    p.add_argument("--batch", type=int, default=1, help="example batch size")
-    p.add_argument("--granularity", choices=["channel", "head"], default="channel")
+def _mode_flags(p: argparse.ArgumentParser, argparse_default: Any) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse_default, help="show tracebacks on errors")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse_default,
+        help="no progress bars or tables: only the one-line result",
+    )
+    p.add_argument("--json", action="store_true", default=argparse_default, help="print one JSON object on stdout")
+
+
+def _eval_protocol() -> str:
+    from ecospa_fx import evaluate
+
+    return "protocol (ecospa_fx/evaluate.py):\n" + evaluate.__doc__.split("\n", 2)[2]
+
+
+def _model_arg(p: argparse.ArgumentParser, what: str = "local Hugging Face model directory") -> None:
+    p.add_argument("model", type=Path, metavar="MODEL", help=what)
+    p.add_argument("--gguf-file", help="GGUF file inside MODEL, read (dequantized to fp32) by transformers")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5], help="fractions removed (0.25 0.5)")
+    p.add_argument("--batch", type=int, default=8, help="sentences per batch (8)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sentence, padded (128)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per model (10)")
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p, "model directory or ecospa_fx artifact")
+    _shape_args(p, batch=1)
+    p.add_argument("--granularity", choices=["channel", "head"], default="channel", help="(channel)")
+
+
+def _shape_args(p: argparse.ArgumentParser, batch: int, seq: int = 16) -> None:
+    p.add_argument("--seq", type=int, default=seq, help=f"example sequence length ({seq})")
+    p.add_argument("--batch", type=int, default=batch, help=f"example batch size ({batch})")
+
+
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group removed, in [0, 1) (0.5)")
+    p.add_argument(
+        "--granularity",
+        choices=["channel", "head"],
+        default="channel",
+        help="channel: head_dim and FFN channels; head: whole heads and FFN channels (channel)",
+    )
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="group kinds to prune (all)")
+    p.add_argument(
+        "--importance",
+        choices=IMPORTANCES,
+        default="auto",
+        help="unit scores: auto = activation with --calibration, else magnitude (auto)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="TEXT",
+        help="UTF-8 text file: calibration batches for activation/fisher scores",
+    )
+    p.add_argument("--calibration-batches", type=int, default=4, help="batches of --batch x --seq tokens (4)")
+    p.add_argument("--round-to", type=int, default=8, help="keep counts rounded to multiples of this (8)")
+    p.add_argument("--no-hf", action="store_true", help="do not write the transformers-loadable hf/ copy")
+    _shape_args(p, batch=1)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p, "model directory or ecospa_fx artifact")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.0,
+        help="model directory only: compress at this sparsity first (0: export as is)",
+    )
+    p.add_argument("--granularity", choices=["channel", "head"], default="channel", help="(channel)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 24, falling back to 18)")
+    p.add_argument("--static", action="store_true", help="fixed batch and seq (default: dynamic)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max |onnxruntime - PyTorch| allowed (1e-4)")
+    _shape_args(p, batch=2)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p, "model directory or ecospa_fx artifact")
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
+    p.add_argument(
+        "--metric",
+        choices=["auto", "perplexity", "fidelity"],
+        default="auto",
+        help="auto: perplexity for causal LMs, fidelity for encoders (auto)",
+    )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="DIR",
+        help="dense model directory: evaluated alongside (fidelity compares with it; default for an "
+        "artifact: the directory it was compressed from)",
+    )
+    p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer directory (default: MODEL's)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window or chunk (256)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window step (default: --seq-len)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="token cap on the text (16384)")
+    p.add_argument("--batch", type=int, default=4, help="fidelity: chunks per forward pass (4)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    ui = Ui(quiet=args.quiet, json_mode=args.json)
+    if not args.debug:  # library deprecation chatter is not for the user of a command
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
     try:
-        if args.command == "demo":
-            return _demo(args, console)
-        if args.command == "inspect":
-            return _inspect(args, console)
-        if args.command == "compress":
-            return _compress(args, console)
-    except (EcospaError, OSError, ValueError) as err:
+        from ecospa_fx import commands
+
+        return getattr(commands, f"run_{args.command}")(args, ui)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", EXIT_INTERRUPTED)
+    except Exception as err:
         if args.debug:
             raise
-        print(f"ecospa-fx: error: {err}".splitlines()[0], file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_USAGE
+        return _fail(args, *_describe(err))
 
 
-def _demo(args, console: Console) -> int:
-    from ecospa_fx.demo import run_demo
+def _describe(err: Exception) -> tuple[str, int]:
+    """The one-line message and exit code of an error."""
+    from ecospa_fx.export import ParityError
 
-    with console.status("loading all-MiniLM-L6-v2") as status:
-        rows = run_demo(
-            args.sparsity, args.batch, args.seq, args.repeats, progress=lambda m: status.update(m)
-        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, ParityError):
+        return first, EXIT_PARITY
+    if isinstance(err, VerificationError):
+        return first, EXIT_VERIFY
+    if isinstance(err, (EcospaError, OSError)):
+        return first, EXIT_FAILED
+    return f"internal error: {type(err).__name__}: {first} (rerun with --debug and report it)", EXIT_INTERNAL
+
+
+def _fail(args, message: str, code: int) -> int:
+    print(f"ecospa-fx {args.command}: error: {message}", file=sys.stderr)
     if args.json:
-        print(json.dumps([r.__dict__ for r in rows], indent=2))
-        return EXIT_OK
-    dense = rows[0]
-    table = Table(title=f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, 2 CPU threads")
-    for col in (
-        "model",
-        "params",
-        "cosine vs dense",
-        "top-1 agree",
-        "ORT ms",
-        "ORT speedup",
-        "torch ms",
-        "torch speedup",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            r.name,
-            f"{r.params / 1e6:.2f}M",
-            f"{r.cosine:.4f}",
-            f"{r.top1:.3f}",
-            f"{r.ort_ms:.1f}",
-            f"{dense.ort_ms / r.ort_ms:.2f}x",
-            f"{r.torch_ms:.1f}",
-            f"{dense.torch_ms / r.torch_ms:.2f}x",
-        )
-    console.print(table)
-    return EXIT_OK
-
-
-def load_local_model(model_dir: Path, gguf_file: str | None = None):
-    """The model and its config (see ``ecospa_fx.loading.load_model``)."""
-    from ecospa_fx.loading import load_model
-
-    return load_model(model_dir, gguf_file)
-
-
-def _example_ids(config, batch: int, seq: int):
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randint(0, getattr(config, "vocab_size", 100), (batch, seq), generator=generator),)
-
-
-def _inspect(args, console: Console) -> int:
-    import ecospa_fx
-
-    model, config = load_local_model(args.model_dir, args.gguf_file)
-    report = ecospa_fx.discover(model, _example_ids(config, args.batch, args.seq), granularity=args.granularity)
-    console.print(report.summary(), markup=False, highlight=False)
-    return EXIT_OK
-
-
-def _compress(args, console: Console) -> int:
-    import ecospa_fx
-    from ecospa_fx.figure import write_figure
-
-    model, config = load_local_model(args.model_dir, args.gguf_file)
-    with console.status(f"compressing {args.model_dir.name} at sparsity {args.sparsity}"):
-        compressed = ecospa_fx.compress(model, _example_ids(config, args.batch, args.seq), args.sparsity,
-                                        granularity=args.granularity)
-    out = ecospa_fx.save(compressed, args.out)
-    figure = write_figure(compressed.ecospa_report, out / "report.html", title=args.model_dir.name)
-    report = compressed.ecospa_report
-    if args.json:
-        print(json.dumps({"artifact": str(out), "figure": str(figure), "params_before": report.params_before,
-                          "params_after": report.params_after, "max_abs_diff": report.max_abs_diff,
-                          "groups": {k: report.count(k) for k in ("qk", "vo", "ffn", "head")}}))
-    else:
-        console.print(report.summary(), markup=False, highlight=False)
-        console.print(f"artifact: {out}  figure: {figure}")
-    return EXIT_OK
+        print(json.dumps({"ok": False, "command": args.command, "error": message, "exit_code": code}))
+    return code
 
 
 if __name__ == "__main__":

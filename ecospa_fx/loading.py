@@ -1,8 +1,109 @@
-"""Load a local Hugging Face model (a directory, or a GGUF file as transformers reads it), offline."""
+"""Load what the command line is given, offline: a local Hugging Face model directory (config.json + weights,
+or a GGUF file as transformers reads it) or an ecospa_fx artifact (a directory written by ``ecospa_fx.save``)."""
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ecospa_fx.errors import EcospaError, InputError
+
+WHAT = "pass a local Hugging Face model directory (config.json + weights) or an ecospa_fx artifact directory"
+
+
+@dataclass
+class Source:
+    """A loaded model: ``model`` (eval, fp32), its Hugging Face ``config`` (None for a plain artifact),
+    whether it is an ``artifact``, and the ``path`` it came from."""
+
+    model: Any
+    config: Any
+    path: Path
+    artifact: bool
+
+
+def offline() -> None:
+    """Never reach for the hub; keep transformers' own progress bars and warnings out of the output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def is_artifact(path: Path) -> bool:
+    return (path / "ecospa.json").is_file()
+
+
+def check_model_path(path: Path, gguf_file: str | None = None) -> None:
+    """One-line errors, with what to do, for paths that cannot hold a model."""
+    if not path.exists():
+        raise InputError(f"{path} does not exist: {WHAT}")
+    if path.is_file() and path.suffix == ".gguf":
+        raise InputError(f"{path} is a file: pass its folder and the file name, {path.parent} --gguf-file {path.name}")
+    if not path.is_dir():
+        raise InputError(f"{path} is not a directory: {WHAT}")
+    if gguf_file and not (path / gguf_file).is_file():
+        raise InputError(f"{path} has no GGUF file {gguf_file}: --gguf-file names a file inside the directory")
+    if not gguf_file and not is_artifact(path) and not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f" (it has {ggufs[0]}: add --gguf-file {ggufs[0]})" if ggufs else ""
+        raise InputError(
+            f"{path} has no config.json: not a Hugging Face model directory (nor an ecospa_fx "
+            f"artifact: no ecospa.json){hint}; {WHAT}"
+        )
+
+
+def load_source(
+    path: Path, gguf_file: str | None = None, example_inputs: tuple | None = None, dynamic: bool = False
+) -> Source:
+    """A model directory or an artifact. Artifacts are rebuilt with ``ecospa_fx.load``, captured on
+    ``example_inputs`` (default: the saved shapes), with dynamic batch/seq when ``dynamic`` (falling back
+    to static shapes when the model pins them)."""
+    check_model_path(path, gguf_file)
+    if not is_artifact(path):
+        model, config = load_model(path, gguf_file)
+        return Source(model, config, path, artifact=False)
+    return Source(load_artifact(path, example_inputs, dynamic), artifact_config(path), path, artifact=True)
+
+
+def load_artifact(path: Path, example_inputs: tuple | None = None, dynamic: bool = False):
+    """``ecospa_fx.load`` with dynamic batch/seq when asked and possible."""
+    from ecospa_fx.artifact import load
+    from ecospa_fx.export import token_dynamic_shapes
+    from passes.capture import CaptureFailed
+
+    if dynamic and example_inputs is not None:
+        try:
+            return load(path, example_inputs=example_inputs, dynamic_shapes=token_dynamic_shapes(example_inputs))
+        except CaptureFailed:
+            pass
+    try:
+        return load(path, example_inputs=example_inputs)
+    except CaptureFailed as err:
+        raise EcospaError(f"cannot rebuild the artifact {path}: {str(err).splitlines()[0]}") from err
+
+
+def artifact_plan(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "ecospa.json").read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path / 'ecospa.json'} is unreadable ({err}): write the artifact again") from None
+
+
+def artifact_config(path: Path):
+    """The Hugging Face config saved in an artifact, or None."""
+    plan = artifact_plan(path)
+    if not plan.get("hf_class"):
+        return None
+    import transformers
+
+    cls = getattr(transformers, plan["hf_class"], None)
+    return cls.config_class.from_dict(plan["hf_config"]) if cls is not None else None
 
 
 def load_model(model_dir: Path, gguf_file: str | None):
@@ -13,16 +114,7 @@ def load_model(model_dir: Path, gguf_file: str | None):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from ecospa_fx.errors import EcospaError
-
-    if not model_dir.exists():
-        raise EcospaError(f"{model_dir} does not exist: pass a local Hugging Face model directory")
-    if not model_dir.is_dir():
-        raise EcospaError(f"{model_dir} is not a directory: pass a local Hugging Face model directory")
-    if gguf_file and not (model_dir / gguf_file).is_file():
-        raise EcospaError(f"{model_dir} has no GGUF file {gguf_file}")
-    if not gguf_file and not (model_dir / "config.json").is_file():
-        raise EcospaError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    check_model_path(model_dir, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(model_dir, **extra)
@@ -39,13 +131,50 @@ def load_model(model_dir: Path, gguf_file: str | None):
                     raise
         if model is None:
             model = AutoModel.from_pretrained(model_dir, config=config, dtype=torch.float32, **extra)
-    except (OSError, ValueError, KeyError) as err:
-        raise EcospaError(f"transformers cannot load {model_dir}: {str(err).strip().splitlines()[0]}") from err
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = type(model)(config)
-        plain.load_state_dict(model.state_dict())
-        model = plain
-    return model.float().eval(), model.config
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise InputError(_load_failure(model_dir, gguf_file, err)) from err
+    return _dequantized(model).float().eval(), model.config
+
+
+def _load_failure(model_dir: Path, gguf_file: str | None, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    if gguf_file:
+        todo = (
+            "check that it is a complete GGUF of an architecture transformers reads (llama, mistral, qwen2, "
+            "...), or pass a Hugging Face directory instead"
+        )
+        return f"transformers cannot read the GGUF {model_dir / gguf_file}: {first}; {todo}"
+    return (
+        f"transformers cannot load {model_dir}: {first}; check config.json and the weight files "
+        "(save the model with save_pretrained)"
+    )
+
+
+def _dequantized(model):
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model.config, "quantization_config", None):
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def load_tokenizer(path: Path, gguf_file: str | None = None, fallback: Path | None = None):
+    """The tokenizer of a model directory (or of an artifact, which ``compress`` saves it into), else of
+    ``fallback``; an error that says to pass ``--tokenizer`` when there is none."""
+    from transformers import AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    for where in (path, fallback):
+        if where is None or not Path(where).is_dir():
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(where, **(extra if where == path else {}))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise InputError(
+        f"no tokenizer in {path}: pass --tokenizer DIR (a folder with tokenizer.json, e.g. the "
+        "original model directory)"
+    )

@@ -93,13 +93,7 @@ class Report:
             units = sum(g.units for g in gs)
             kept = units - sum(g.units_removed for g in gs)
             widths = ", ".join(
-                sorted(
-                    {
-                        f"{_short(m.param)}[{m.dim}] {m.size}->{m.kept}"
-                        for g in gs
-                        for m in g.members
-                    }
-                )
+                sorted({f"{_short(m.param)}[{m.dim}] {m.size}->{m.kept}" for g in gs for m in g.members})
             )
             table.add_row(layer or "-", kind, str(len(gs)), f"{kept}/{units}", widths)
         return table
@@ -124,6 +118,29 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary()
+
+    def to_dict(self) -> dict:
+        """JSON-ready: settings, parameter counts, groups (layer, kind, units kept, member widths) and
+        what was left dense and why."""
+        return {
+            "sparsity": self.sparsity,
+            "granularity": self.granularity,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "max_abs_diff": self.max_abs_diff,
+            "counts": {k: self.count(k) for k in ("qk", "vo", "ffn", "head")},
+            "groups": [
+                {
+                    "layer": g.layer,
+                    "kind": g.kind,
+                    "units": g.units,
+                    "units_kept": g.units - g.units_removed,
+                    "members": [{"param": m.param, "dim": m.dim, "size": m.size, "kept": m.kept} for m in g.members],
+                }
+                for g in self.groups
+            ],
+            "skipped": [{"kind": s.kind, "params": list(s.params), "reasons": list(s.reasons)} for s in self.skipped],
+        }
 
 
 def _short(param: str) -> str:

@@ -1,67 +1,110 @@
-"""The ecospa-fx command line, end to end in a subprocess, on a tiny local model directory."""
+"""The ecospa-fx command line, end to end in a subprocess, on tiny local model directories (no hub):
+compress -> artifact, figures and transformers copy; export -> ONNX with parity; eval -> perplexity and
+fidelity; an error path with and without --debug. (More error paths, in process: test_cli_errors.py.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import ecospa_fx
+from tests.ecospa_fx.tiny_models import make_dirs
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ecospa_fx", *args], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ecospa_fx", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+def tiny(tmp_path_factory):
+    return make_dirs(tmp_path_factory.mktemp("tiny"))
 
 
-def test_help_lists_subcommands():
+@pytest.fixture(scope="module")
+def artifact(tiny, tmp_path_factory):
+    """compress at head granularity with activation scores on the text: every layer keeps 1 of 2 KV heads
+    and 24 of 48 FFN channels (uniform), so a transformers copy is written."""
+    out = tmp_path_factory.mktemp("art") / "art"
+    proc = run("compress", tiny["llama"], "--out", out, "--granularity", "head", "--importance", "activation",
+               "--calibration", tiny["text"], "--batch", "2", "--seq", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout)
+
+
+def test_help_lists_subcommands_and_exit_codes():
     out = run("--help")
     assert out.returncode == 0
-    for sub in ("demo", "inspect", "compress"):
-        assert sub in out.stdout
+    for word in ("demo", "inspect", "compress", "export", "eval", "exit codes", "onnxruntime"):
+        assert word in out.stdout
+    sub = run("eval", "--help")
+    assert sub.returncode == 0 and "--seq-len" in sub.stdout and "protocol" in sub.stdout
 
 
-def test_inspect_prints_groups(model_dir):
-    out = run("inspect", str(model_dir), "--seq", "8")
-    assert out.returncode == 0, out.stderr
-    assert "qk" in out.stdout and "ffn" in out.stdout and "left dense" in out.stdout
+def test_compress_writes_artifact_figures_and_transformers_copy(tiny, artifact):
+    out, result = artifact
+    assert result["ok"] and result["params_after"] < result["params_before"]
+    assert result["groups"] == {"qk": 0, "vo": 0, "ffn": 2, "head": 2}
+    assert "<svg" in (out / "report.html").read_text()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["hf_export"]["written"] == "hf"
+    assert result["hf_export"]["config_changes"]["num_key_value_heads"] == 1
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    reloaded = ecospa_fx.load(out, example_inputs=(x,))
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, reloaded(x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_compress_writes_artifact_and_figure_that_reload(model_dir, tmp_path):
-    out = run("compress", str(model_dir), "--out", str(tmp_path / "art"), "--sparsity", "0.5", "--seq", "8", "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["params_after"] < result["params_before"]
-    assert result["groups"] == {"qk": 2, "vo": 2, "ffn": 2, "head": 0}
-    html = (tmp_path / "art" / "report.html").read_text()
-    assert "<svg" in html and "kept width" in html
-    reloaded = ecospa_fx.load(tmp_path / "art")
-    assert reloaded(torch.ones(1, 8, dtype=torch.long)).logits.shape == (1, 8, 64)
+def test_export_artifact_dynamic_then_parity_failure_exits_3(artifact, tmp_path):
+    out, _ = artifact
+    proc = run("export", out, "--out", tmp_path / "m.onnx", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["dynamic_axes"]["input_ids"] == {"0": "batch", "1": "seq"}
+    assert max(result["max_abs_diff"].values()) < 1e-4
+    bad = run("export", out, "--out", tmp_path / "m.onnx", "--atol", "1e-12", "--quiet")
+    assert bad.returncode == 3, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "onnxruntime differs" in bad.stderr
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("inspect", "/no/such/dir"), "does not exist"),
-        (("compress", "/no/such/dir", "--out", "/tmp/x"), "does not exist"),
-        (("compress", "{model}", "--out", "{tmp}/o", "--sparsity", "1.5"), "sparsity must be in [0, 1)"),
-    ],
-)
-def test_errors_are_one_line_without_traceback(args, message, model_dir, tmp_path):
-    out = run(*(a.format(model=model_dir, tmp=tmp_path) for a in args))
-    assert out.returncode == 1
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
+def test_eval_perplexity_of_artifact_and_its_transformers_copy_agree(tiny, artifact):
+    out, _ = artifact
+    proc = run("eval", out, "--text", tiny["text"], "--seq-len", "32", "--reference", tiny["llama"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    ours, dense = results[str(out)], results[str(tiny["llama"])]
+    assert ours["tokens_scored"] == dense["tokens_scored"] > 0 and ours["perplexity"] > 1
+    copy = run("eval", out / "hf", "--text", tiny["text"], "--seq-len", "32", "--quiet")
+    assert copy.returncode == 0, copy.stderr
+    assert copy.stdout.strip() == f"perplexity {ours['perplexity']:.3f} over {ours['tokens_scored']} tokens"
+
+
+def test_compress_encoder_then_eval_fidelity(tiny, tmp_path):
+    proc = run("compress", tiny["bert"], "--out", tmp_path / "b", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("wrote ") and len(proc.stdout.strip().splitlines()) == 1
+    plan = json.loads((tmp_path / "b" / "ecospa.json").read_text())
+    assert plan["hf_export"]["written"] is None and "head_dim" in plan["hf_export"]["reason"]
+    ev = run("eval", tmp_path / "b", "--text", tiny["text"], "--seq-len", "16", "--json")  # reference: recorded
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)["result"]
+    assert result["chunks"] >= 4 and -1 <= result["cosine_mean"] <= 1 and 0 <= result["top1_agreement"] <= 1
+
+
+def test_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    proc = run("compress", tmp_path / "missing", "--out", tmp_path / "o")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ecospa-fx compress: error: {tmp_path / 'missing'} does not exist: pass a local Hugging Face model "
+        "directory (config.json + weights) or an ecospa_fx artifact directory"
+    ]
+    debug = run("--debug", "inspect", tmp_path / "missing")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

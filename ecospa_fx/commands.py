@@ -1,0 +1,367 @@
+"""The subcommands of ``ecospa-fx`` (argument parsing and exit codes are in ``ecospa_fx.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from ecospa_fx.cli_ui import Ui
+from ecospa_fx.errors import InputError
+from ecospa_fx.loading import load_source, load_tokenizer, offline
+
+
+def run_demo(args: argparse.Namespace, ui: Ui) -> int:
+    from ecospa_fx.demo import run_demo as demo
+
+    with ui.stage("loading all-MiniLM-L6-v2") as update:
+        rows = demo(args.sparsity, args.batch, args.seq, args.repeats, progress=update)
+    dense = rows[0]
+    table = Table(title=f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, 2 CPU threads")
+    for col in (
+        "model",
+        "params",
+        "cosine vs dense",
+        "top-1 agree",
+        "ORT ms",
+        "ORT speedup",
+        "torch ms",
+        "torch speedup",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.name,
+            f"{r.params / 1e6:.2f}M",
+            f"{r.cosine:.4f}",
+            f"{r.top1:.3f}",
+            f"{r.ort_ms:.1f}",
+            f"{dense.ort_ms / r.ort_ms:.2f}x",
+            f"{r.torch_ms:.1f}",
+            f"{dense.torch_ms / r.torch_ms:.2f}x",
+        )
+    ui.show(table)
+    last = rows[-1]
+    ui.result(
+        f"{last.name}: {last.params / 1e6:.2f}M parameters, cosine {last.cosine:.3f}, onnxruntime "
+        f"{dense.ort_ms / last.ort_ms:.2f}x faster",
+        {"rows": [r.__dict__ for r in rows]},
+    )
+    return 0
+
+
+def example_ids(config, batch: int, seq: int) -> tuple[torch.Tensor]:
+    """Random token ids ``[batch, seq]`` (seeded) in the config's vocabulary."""
+    if batch < 1 or seq < 1:
+        raise InputError(f"--batch and --seq must be positive, got {batch} and {seq}")
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, getattr(config, "vocab_size", None) or 100, (batch, seq), generator=generator),)
+
+
+def run_inspect(args: argparse.Namespace, ui: Ui) -> int:
+    import ecospa_fx
+    from ecospa_fx.loading import check_model_path, is_artifact, load_model
+
+    offline()
+    check_model_path(args.model, args.gguf_file)
+    if is_artifact(args.model):
+        return _inspect_artifact(args, ui)
+    with ui.stage(f"loading {args.model}"):
+        model, config = load_model(args.model, args.gguf_file)
+    inputs = example_ids(config, args.batch, args.seq)
+    with ui.stage("discovering coupled groups"):
+        report = ecospa_fx.discover(model, inputs, granularity=args.granularity)
+    ui.show(report.summary())
+    counts = ", ".join(f"{k} {report.count(k)}" for k in ("qk", "vo", "ffn", "head") if report.count(k))
+    ui.result(
+        f"{len(report.groups)} coupled groups ({counts or 'none'}), {len(report.skipped)} left dense, "
+        f"{report.params_before:,} parameters",
+        report.to_dict(),
+    )
+    return 0
+
+
+def _inspect_artifact(args: argparse.Namespace, ui: Ui) -> int:
+    """What a saved artifact removed, per parameter dimension, and whether it has a transformers copy."""
+    from ecospa_fx.artifact import hf_export_info
+    from ecospa_fx.loading import artifact_plan
+
+    plan = artifact_plan(args.model)
+    table = Table(title=f"{args.model}: {plan.get('granularity')} granularity, sparsity {plan.get('sparsity')}")
+    for col in ("parameter", "dim", "removed"):
+        table.add_column(col)
+    for name, dim, idx in plan.get("removed", []):
+        table.add_row(name, str(dim), str(len(idx)))
+    ui.show(table)
+    hf = hf_export_info(args.model)
+    ui.note(
+        f"transformers copy: {args.model / hf['written']}"
+        if hf["written"]
+        else f"no transformers config: {hf['reason']}"
+    )
+    source = (plan.get("source") or {}).get("path") or plan.get("hf_class") or "a plain module"
+    ui.result(
+        f"artifact of {source}: channels removed from {len(plan.get('removed', []))} parameter dimensions",
+        {
+            "artifact": str(args.model),
+            "granularity": plan.get("granularity"),
+            "sparsity": plan.get("sparsity"),
+            "removed": {f"{n}[{d}]": len(i) for n, d, i in plan.get("removed", [])},
+            "hf_export": hf,
+            "source": plan.get("source"),
+        },
+    )
+    return 0
+
+
+def run_compress(args: argparse.Namespace, ui: Ui) -> int:
+    import ecospa_fx
+
+    offline()
+    from ecospa_fx.loading import load_model
+
+    with ui.stage(f"loading {args.model}"):
+        model, config = load_model(args.model, args.gguf_file)
+    tokenizer = _tokenizer_or_none(args.model, args.gguf_file)
+    example, calibration, loss_fn = _compress_inputs(args, config, tokenizer)
+    what = f"compressing at sparsity {args.sparsity:g} ({args.importance} scores"
+    what += f" on {len(calibration)} calibration batches)" if calibration else ")"
+    with ui.stage(what + ": capture, score, rewrite, verify"):
+        compressed = ecospa_fx.compress(
+            model,
+            example,
+            args.sparsity,
+            granularity=args.granularity,
+            kinds=tuple(args.kinds),
+            importance=args.importance,
+            round_to=args.round_to,
+            calibration=calibration,
+            loss_fn=loss_fn,
+        )
+    with ui.stage(f"writing {args.out}"):
+        out, figures, hf = _write_artifact(compressed, args, tokenizer)
+    report = compressed.ecospa_report
+    ui.show(report.summary())
+    ui.note(f"figure: {figures[0]}  {figures[1]}")
+    hf_line = (
+        f"transformers copy: {out / hf['written']} (config changes {hf['config_changes']})"
+        if hf["written"]
+        else f"no transformers config: {hf['reason']}"
+    )
+    ui.note(hf_line)
+    ratio = report.params_after / max(report.params_before, 1)
+    ui.result(
+        f"wrote {out}: parameters {report.params_before:,} -> {report.params_after:,} ({ratio:.3f}x)",
+        {
+            "artifact": str(out),
+            "figure": str(figures[0]),
+            "figure_png": str(figures[1]),
+            "hf_export": hf,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "max_abs_diff": report.max_abs_diff,
+            "groups": {k: report.count(k) for k in ("qk", "vo", "ffn", "head")},
+            "skipped": len(report.skipped),
+        },
+    )
+    return 0
+
+
+def _tokenizer_or_none(path: Path, gguf_file: str | None):
+    try:
+        return load_tokenizer(path, gguf_file)
+    except InputError:
+        return None
+
+
+def _compress_inputs(args: argparse.Namespace, config, tokenizer) -> tuple[tuple, list | None, Any]:
+    """Example inputs, calibration batches (from --calibration) and the Fisher loss."""
+    needs = args.importance in ("activation", "fisher")
+    if needs and args.calibration is None:
+        raise InputError(
+            f"--importance {args.importance} needs --calibration TEXT (a UTF-8 text file to score channels on)"
+        )
+    if args.calibration is None:
+        return example_ids(config, args.batch, args.seq), None, None
+    if tokenizer is None:
+        raise InputError(f"{args.model} has no tokenizer to read --calibration with; add tokenizer files to it")
+    from ecospa_fx.evaluate import Protocol, read_tokens
+
+    n = max(args.calibration_batches, 1) * args.batch * args.seq
+    ids = read_tokens(args.calibration, tokenizer, Protocol(seq_len=args.seq, max_tokens=max(n, args.seq)))
+    rows = ids[: len(ids) // args.seq * args.seq].view(-1, args.seq)
+    batches = [(rows[k : k + args.batch],) for k in range(0, len(rows) - args.batch + 1, args.batch)]
+    if not batches:
+        raise InputError(f"{args.calibration} is too short for one batch of {args.batch} x {args.seq} tokens")
+    loss_fn = _next_token_loss if args.importance == "fisher" else None
+    return batches[0], batches, loss_fn
+
+
+def _next_token_loss(outputs, batch: tuple) -> torch.Tensor:
+    """Causal LM loss for Fisher scores: logits at position t predict token t + 1."""
+    from ecospa_fx.evaluate import _logits
+
+    logits = _logits(outputs)
+    ids = batch[0]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def _write_artifact(compressed, args: argparse.Namespace, tokenizer) -> tuple[Path, tuple[Path, Path], dict]:
+    import ecospa_fx
+    from ecospa_fx.artifact import annotate, hf_export_info
+    from ecospa_fx.figure import write_figures
+
+    out = ecospa_fx.save(compressed, args.out, hf=not args.no_hf)
+    annotate(out, source={"path": str(args.model.resolve()), "gguf_file": args.gguf_file})
+    hf = hf_export_info(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+        if hf["written"]:
+            tokenizer.save_pretrained(str(out / hf["written"]))
+    figures = write_figures(compressed.ecospa_report, out, title=args.model.name)
+    return out, figures, hf
+
+
+def run_export(args: argparse.Namespace, ui: Ui) -> int:
+    from ecospa_fx.export_job import ExportJob
+    from ecospa_fx.export_job import run_export as export
+
+    offline()
+    job = ExportJob(
+        args.model,
+        args.out,
+        gguf_file=args.gguf_file,
+        sparsity=args.sparsity,
+        granularity=args.granularity,
+        batch=args.batch,
+        seq=args.seq,
+        opset=args.opset,
+        static=args.static,
+        atol=args.atol,
+    )
+    with ui.stage(f"loading {args.model}") as update:
+        outcome = export(job, step=update)
+    result = outcome.result
+    for note in outcome.notes:
+        ui.note(f"note: {note}")
+    if outcome.compress:
+        c = outcome.compress
+        ui.note(f"compressed at sparsity {c['sparsity']:g}: parameters {c['params_before']:,} -> {c['params_after']:,}")
+    ui.show(result.summary())
+    ui.result(
+        f"wrote {result.path}: onnxruntime vs PyTorch max abs diff {result.max_diff:.2e} (atol {args.atol:g})",
+        {
+            "onnx": str(result.path),
+            "opset": result.opset,
+            "dynamic_axes": result.dynamic_axes,
+            "max_abs_diff": result.max_abs_diff,
+            "atol": args.atol,
+            "params": outcome.params,
+            "notes": [*outcome.notes, *result.notes],
+            "compress": outcome.compress,
+        },
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace, ui: Ui) -> int:
+    from ecospa_fx.evaluate import Protocol, read_tokens
+    from ecospa_fx.loading import artifact_config, artifact_plan, is_artifact
+
+    offline()
+    if not args.text.is_file():
+        raise InputError(f"{args.text} is not a file: --text takes a UTF-8 text file")
+    protocol = Protocol(seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens, batch=args.batch)
+    artifact = is_artifact(args.model)
+    plan = artifact_plan(args.model) if artifact else {}
+    config = artifact_config(args.model) if artifact else None
+    metric = _metric(args.metric, plan.get("hf_class") or "")
+    batch = 1 if metric == "perplexity" else protocol.batch
+    with ui.stage(f"loading {args.model}"):
+        source = load_source(args.model, args.gguf_file, example_ids(config, batch, protocol.seq_len))
+    metric = metric if artifact else _metric(args.metric, type(source.model).__name__)
+    _check_positions(source.config, protocol)
+    reference = args.reference or _recorded_source(plan)
+    tokenizer = load_tokenizer(
+        args.tokenizer or args.model, None if args.tokenizer else args.gguf_file, fallback=reference
+    )
+    ids = read_tokens(args.text, tokenizer, protocol)
+    if metric == "perplexity":
+        return _eval_perplexity(args, ui, source.model, ids, protocol)
+    if reference is None:
+        raise InputError("fidelity compares with the dense model: pass --reference DENSE_MODEL_DIR")
+    return _eval_fidelity(args, ui, source.model, reference, ids, protocol)
+
+
+def _metric(asked: str, class_name: str) -> str:
+    """perplexity for causal LMs (``*ForCausalLM``, ``*LMHeadModel``), fidelity for the rest."""
+    if asked != "auto":
+        return asked
+    return "perplexity" if class_name.endswith(("ForCausalLM", "LMHeadModel")) else "fidelity"
+
+
+def _check_positions(config, protocol) -> None:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and protocol.seq_len > limit:
+        raise InputError(f"--seq-len {protocol.seq_len} exceeds the model's {limit} positions: pass --seq-len {limit}")
+
+
+def _recorded_source(plan: dict) -> Path | None:
+    path = (plan.get("source") or {}).get("path")
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def _eval_perplexity(args, ui: Ui, model, ids: torch.Tensor, protocol) -> int:
+    from ecospa_fx.evaluate import as_dict, perplexity
+
+    models = [(str(args.model), model)]
+    if args.reference:
+        models.append((str(args.reference), load_source(args.reference).model))
+    results = {}
+    for name, m in models:
+        with ui.bar(f"perplexity of {Path(name).name}") as advance:
+            results[name] = perplexity(m, ids, protocol, advance)
+    table = Table(title=f"perplexity on {args.text.name}: windows of {protocol.seq_len}, stride {protocol.step}")
+    for col in ("model", "perplexity", "tokens scored", "windows"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        table.add_row(name, f"{r.perplexity:.3f}", str(r.tokens_scored), str(r.windows))
+    ui.show(table)
+    main = results[str(args.model)]
+    line = f"perplexity {main.perplexity:.3f} over {main.tokens_scored} tokens"
+    if args.reference:
+        line += f" (reference {results[str(args.reference)].perplexity:.3f})"
+    ui.result(
+        line,
+        {"metric": "perplexity", "protocol": protocol.__dict__, "results": {k: as_dict(v) for k, v in results.items()}},
+    )
+    return 0
+
+
+def _eval_fidelity(args, ui: Ui, model, reference: Path, ids: torch.Tensor, protocol) -> int:
+    from ecospa_fx.evaluate import as_dict, chunks, embeddings, fidelity
+
+    data = chunks(ids, protocol)
+    dense = load_source(reference).model
+    with ui.bar(f"embedding {len(data)} chunks") as advance:
+        ours = embeddings(model, data, protocol.batch, advance)
+    with ui.bar("embedding with the reference") as advance:
+        theirs = embeddings(dense, data, protocol.batch, advance)
+    result = fidelity(ours, theirs)
+    table = Table(
+        title=f"embedding fidelity on {args.text.name} vs {reference}: {result.chunks} chunks of "
+        f"{protocol.seq_len} tokens"
+    )
+    for col in ("cosine mean", "cosine min", "top-1 agreement"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result.cosine_mean:.4f}", f"{result.cosine_min:.4f}", f"{result.top1_agreement:.3f}")
+    ui.show(table)
+    ui.result(
+        f"cosine {result.cosine_mean:.4f} (min {result.cosine_min:.4f}), top-1 agreement "
+        f"{result.top1_agreement:.3f} over {result.chunks} chunks",
+        {"metric": "fidelity", "reference": str(reference), "protocol": protocol.__dict__, "result": as_dict(result)},
+    )
+    return 0

@@ -1,0 +1,158 @@
+"""Model directory or artifact in, checked ``.onnx`` out: what ``ecospa-fx export`` and
+``tools/export_onnx.py`` run.
+
+A model directory is loaded with transformers (offline), compressed first when ``sparsity > 0`` (dynamic
+batch/seq unless ``static``; static when the model pins them), and exported. An artifact (written by
+``ecospa_fx.save`` / ``ecospa-fx compress``) is rebuilt with dynamic batch/seq where the model allows it.
+Example inputs are random token ids ``batch x seq``; onnxruntime is compared with PyTorch on them and, for a
+dynamic export, on a second shape (batch + 1, seq + 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecospa_fx.errors import CaptureError, InputError
+from ecospa_fx.export import ExportResult, check_writable, export_onnx, token_dynamic_shapes
+from ecospa_fx.loading import artifact_plan, is_artifact, load_artifact, load_model
+
+Step = Callable[[str], None]  # called with a description as each stage starts
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    source: Path
+    out: Path
+    gguf_file: str | None = None
+    sparsity: float = 0.0
+    granularity: str = "channel"
+    round_to: int = 8
+    batch: int = 2
+    seq: int = 16
+    opset: int | None = None
+    static: bool = False
+    verify: bool = True
+    atol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.seq < 1:
+            raise InputError(f"--batch and --seq must be positive, got {self.batch} and {self.seq}")
+
+
+@dataclass
+class ExportOutcome:
+    result: ExportResult
+    params: int
+    notes: list[str] = field(default_factory=list)
+    compress: dict[str, Any] | None = None
+
+
+def run_export(job: ExportJob, step: Step = lambda _: None) -> ExportOutcome:
+    """Load (and compress) ``job.source``, export it to ``job.out``, check it; raises ``ParityError``
+    when onnxruntime and PyTorch differ by more than ``job.atol``."""
+    check_writable(job.out)
+    notes: list[str] = []
+    step(f"loading {job.source}")
+    if is_artifact(job.source):
+        model, inputs, dynamic = _artifact(job, notes)
+        info, limit = None, (artifact_plan(job.source).get("hf_config") or {}).get("max_position_embeddings")
+    else:
+        model, config = load_model(job.source, job.gguf_file)
+        limit = getattr(config, "max_position_embeddings", None)
+        inputs = _token_inputs(config, job.batch, job.seq, job.source)
+        dynamic, info = not job.static, None
+        if job.sparsity > 0:
+            step(f"compressing at sparsity {job.sparsity:g}")
+            model, dynamic = _compress(model, inputs, job, dynamic, notes)
+            info = _compress_info(model.ecospa_report, job)
+    step(f"exporting to ONNX (opset {job.opset or 'default'}) and checking parity in onnxruntime")
+    result = export_onnx(
+        model,
+        inputs,
+        job.out,
+        opset=job.opset,
+        dynamic=dynamic,
+        atol=job.atol,
+        parity_inputs=_probes(inputs, limit) if dynamic else (),
+    )
+    return ExportOutcome(result, sum(p.numel() for p in model.parameters()), notes, info)
+
+
+def _artifact(job: ExportJob, notes: list[str]) -> tuple[Any, tuple, bool]:
+    plan = artifact_plan(job.source)
+    vocab = (plan.get("hf_config") or {}).get("vocab_size", 2)
+    saved = [tuple(s["shape"]) for s in plan["inputs"]]
+    from ecospa_fx.artifact import random_inputs
+
+    specs = [dict(s, shape=_widened(s["shape"], job)) for s in plan["inputs"]] if not job.static else plan["inputs"]
+    inputs = random_inputs(specs, vocab)
+    model = load_artifact(job.source, inputs, dynamic=not job.static)
+    dynamic = not job.static and any(_is_symbolic(model))
+    if not job.static and not dynamic:
+        notes.append(f"the artifact could not be captured with dynamic shapes: exported for shapes {saved}")
+    return model, inputs, dynamic
+
+
+def _widened(shape: list[int], job: ExportJob) -> list[int]:
+    """Example shape for a dynamic capture: batch and seq of the job (>= 2, which torch.export needs)."""
+    out = list(shape)
+    if out:
+        out[0] = max(2, job.batch)
+    if len(out) >= 2:
+        out[1] = max(2, job.seq)
+    return out
+
+
+def _is_symbolic(model) -> list[bool]:
+    graph = getattr(model, "graph", None)
+    nodes = [n for n in graph.nodes if n.op == "placeholder"] if graph is not None else []
+    vals = [n.meta.get("val") for n in nodes]
+    return [isinstance(v, torch.Tensor) and any(not isinstance(d, int) for d in v.shape) for v in vals]
+
+
+def _token_inputs(config, batch: int, seq: int, source: Path) -> tuple[torch.Tensor]:
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise InputError(f"{source}: the config has no vocab_size; export feeds token ids")
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, vocab, (batch, seq), generator=generator),)
+
+
+def _compress(model, inputs: tuple, job: ExportJob, dynamic: bool, notes: list[str]):
+    import ecospa_fx
+
+    options = {"granularity": job.granularity, "round_to": job.round_to, "verify": job.verify}
+    if dynamic:
+        try:
+            return ecospa_fx.compress(
+                model, inputs, job.sparsity, dynamic_shapes=token_dynamic_shapes(inputs), **options
+            ), True
+        except CaptureError as err:
+            notes.append(f"dynamic capture failed ({str(err).splitlines()[0]}); compressed with static shapes")
+    return ecospa_fx.compress(model, inputs, job.sparsity, **options), False
+
+
+def _compress_info(report, job: ExportJob) -> dict[str, Any]:
+    return {
+        "sparsity": job.sparsity,
+        "granularity": job.granularity,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "max_abs_diff": report.max_abs_diff,
+    }
+
+
+def _probes(inputs: tuple, limit: int | None) -> list[tuple]:
+    """A second shape for the parity check of a dynamic export: batch + 1, seq + 5 (within ``limit``
+    positions)."""
+    x = inputs[0]
+    if len(inputs) != 1 or x.ndim < 2 or x.dtype.is_floating_point:
+        return []
+    seq = x.shape[1] + 5 if not limit else min(limit, x.shape[1] + 5)
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, int(x.max()) + 1, (x.shape[0] + 1, seq), generator=generator),)]
