@@ -1,6 +1,7 @@
 """The ecospa-fx command line, end to end in a subprocess, on tiny local model directories (no hub):
 compress -> artifact, figures and transformers copy; export -> ONNX with parity; eval -> perplexity and
-fidelity; an error path with and without --debug. (More error paths, in process: test_cli_errors.py.)"""
+fidelity; an error path with and without --debug. Steps that need no fresh interpreter run in process
+(``ecospa_fx.cli.main``) to keep the file fast; more error paths are in test_cli_errors.py."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ecospa_fx
+from ecospa_fx.cli import main
 from tests.ecospa_fx.tiny_models import make_dirs
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ecospa_fx", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "ecospa_fx", *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,23 @@ def artifact(tiny, tmp_path_factory):
     """compress at head granularity with activation scores on the text: every layer keeps 1 of 2 KV heads
     and 24 of 48 FFN channels (uniform), so a transformers copy is written."""
     out = tmp_path_factory.mktemp("art") / "art"
-    proc = run("compress", tiny["llama"], "--out", out, "--granularity", "head", "--importance", "activation",
-               "--calibration", tiny["text"], "--batch", "2", "--seq", "16", "--json")
+    proc = run(
+        "compress",
+        tiny["llama"],
+        "--out",
+        out,
+        "--granularity",
+        "head",
+        "--importance",
+        "activation",
+        "--calibration",
+        tiny["text"],
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
 
@@ -44,8 +62,6 @@ def test_help_lists_subcommands_and_exit_codes():
     assert out.returncode == 0
     for word in ("demo", "inspect", "compress", "export", "eval", "exit codes", "onnxruntime"):
         assert word in out.stdout
-    sub = run("eval", "--help")
-    assert sub.returncode == 0 and "--seq-len" in sub.stdout and "protocol" in sub.stdout
 
 
 def test_compress_writes_artifact_figures_and_transformers_copy(tiny, artifact):
@@ -63,34 +79,31 @@ def test_compress_writes_artifact_figures_and_transformers_copy(tiny, artifact):
         torch.testing.assert_close(hf(x).logits, reloaded(x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_export_artifact_dynamic_then_parity_failure_exits_3(artifact, tmp_path):
+def test_export_artifact_with_dynamic_axes(artifact, tmp_path):
     out, _ = artifact
     proc = run("export", out, "--out", tmp_path / "m.onnx", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["dynamic_axes"]["input_ids"] == {"0": "batch", "1": "seq"}
     assert max(result["max_abs_diff"].values()) < 1e-4
-    bad = run("export", out, "--out", tmp_path / "m.onnx", "--atol", "1e-12", "--quiet")
-    assert bad.returncode == 3, bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1 and "onnxruntime differs" in bad.stderr
+    assert (tmp_path / "m.onnx").stat().st_size > 0
 
 
-def test_eval_perplexity_of_artifact_and_its_transformers_copy_agree(tiny, artifact):
+def test_eval_perplexity_of_artifact_and_its_transformers_copy_agree(tiny, artifact, capsys):
     out, _ = artifact
     proc = run("eval", out, "--text", tiny["text"], "--seq-len", "32", "--reference", tiny["llama"], "--json")
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)["results"]
     ours, dense = results[str(out)], results[str(tiny["llama"])]
     assert ours["tokens_scored"] == dense["tokens_scored"] > 0 and ours["perplexity"] > 1
-    copy = run("eval", out / "hf", "--text", tiny["text"], "--seq-len", "32", "--quiet")
-    assert copy.returncode == 0, copy.stderr
-    assert copy.stdout.strip() == f"perplexity {ours['perplexity']:.3f} over {ours['tokens_scored']} tokens"
+    assert main(["eval", str(out / "hf"), "--text", str(tiny["text"]), "--seq-len", "32", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == f"perplexity {ours['perplexity']:.3f} over {ours['tokens_scored']} tokens"
 
 
-def test_compress_encoder_then_eval_fidelity(tiny, tmp_path):
-    proc = run("compress", tiny["bert"], "--out", tmp_path / "b", "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("wrote ") and len(proc.stdout.strip().splitlines()) == 1
+def test_compress_encoder_then_eval_fidelity(tiny, tmp_path, capsys):
+    assert main(["compress", str(tiny["bert"]), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("wrote ") and len(out.strip().splitlines()) == 1
     plan = json.loads((tmp_path / "b" / "ecospa.json").read_text())
     assert plan["hf_export"]["written"] is None and "head_dim" in plan["hf_export"]["reason"]
     ev = run("eval", tmp_path / "b", "--text", tiny["text"], "--seq-len", "16", "--json")  # reference: recorded
@@ -106,5 +119,5 @@ def test_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
         f"ecospa-fx compress: error: {tmp_path / 'missing'} does not exist: pass a local Hugging Face model "
         "directory (config.json + weights) or an ecospa_fx artifact directory"
     ]
-    debug = run("--debug", "inspect", tmp_path / "missing")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    with pytest.raises(ecospa_fx.InputError, match="does not exist"):  # --debug: the exception, traceback and all
+        main(["--debug", "inspect", str(tmp_path / "missing")])

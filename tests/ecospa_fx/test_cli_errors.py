@@ -41,8 +41,11 @@ CASES = [
     (("inspect", "{root}/gguf", "--gguf-file", "model.gguf"), EXIT_FAILED, "transformers cannot read the GGUF"),
     (("inspect", "{root}/gguf", "--gguf-file", "other.gguf"), EXIT_FAILED, "has no GGUF file other.gguf"),
     (("compress", "{llama}", "--out", "{root}/o", "--importance", "foo"), EXIT_USAGE, "invalid choice: 'foo'"),
-    (("compress", "{llama}", "--out", "{root}/o", "--importance", "activation"), EXIT_FAILED,
-     "--importance activation needs --calibration TEXT"),
+    (
+        ("compress", "{llama}", "--out", "{root}/o", "--importance", "activation"),
+        EXIT_FAILED,
+        "--importance activation needs --calibration TEXT",
+    ),
     (("compress", "{llama}", "--out", "{root}/o", "--sparsity", "1.5"), EXIT_FAILED, "sparsity must be in [0, 1)"),
     (("eval", "{llama}", "--text", "{root}/missing.txt"), EXIT_FAILED, "--text takes a UTF-8 text file"),
     (("eval", "{llama}", "--text", "{root}/latin1.txt", "--seq-len", "2"), EXIT_FAILED, "is not UTF-8 text"),
@@ -75,3 +78,24 @@ def test_json_mode_reports_the_error_on_stdout(tiny, capsys):
 def test_missing_subcommand_is_a_usage_error(capsys):
     code, _, err = call(capsys)
     assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["demo", "inspect", "compress", "export", "eval"])
+def test_every_subcommand_has_help_with_modes_and_exit_codes(capsys, command):
+    code, out, _ = call(capsys, command, "--help")
+    assert code == 0
+    for word in ("--quiet", "--json", "--debug", "exit codes", "interrupted"):
+        assert word in out
+
+
+def test_exit_codes_of_parity_and_verification_failures():
+    from ecospa_fx import ParityError, VerificationError
+    from ecospa_fx.cli import EXIT_INTERNAL, EXIT_PARITY, EXIT_VERIFY, _describe
+
+    assert _describe(ParityError("output 'logits' differs", "logits", 1.0, 1e-4)) == (
+        "output 'logits' differs",
+        EXIT_PARITY,
+    )
+    assert _describe(VerificationError("differs\nmore"))[1] == EXIT_VERIFY
+    message, code = _describe(ZeroDivisionError("x"))
+    assert code == EXIT_INTERNAL and "rerun with --debug" in message
