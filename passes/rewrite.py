@@ -76,17 +76,30 @@ def _slice_parameters(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
     """``W <- index_select(W, dim, kept)`` for every sliced space; every alias of a shared parameter
     (one tensor under two names, e.g. ``ModuleList([block, block])``) gets the same new tensor."""
     aliases = _parameter_aliases(gm)
+    for param, dims in parameter_plan(facts, keep).items():
+        for dim, kept in dims.items():
+            _slice_one(gm, aliases, param, dim, kept)
+
+
+def parameter_plan(facts, keep: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+    """What the rewrite slices, as data: parameter name (the graph's ``get_attr`` target) -> {dim: kept
+    indices, ascending} for every parameter dimension that loses channels, in slicing order. Applying
+    ``index_select(W, dim, kept)`` per entry to the original weights gives the compressed parameters."""
+    plan: dict[str, dict[int, np.ndarray]] = {}
     for space in facts.spaces:
         if space.is_virtual or keep[space.offset : space.offset + space.size].all():
             continue
-        old = gm.get_parameter(space.param)
-        index = torch.as_tensor(_kept(space, keep), device=old.device)
-        new = torch.nn.Parameter(
-            old.detach().index_select(space.dim, index).clone(), requires_grad=old.requires_grad
-        )
-        for name in aliases.get(space.param, [space.param]):
-            owner_name, _, leaf = name.rpartition(".")
-            setattr(gm.get_submodule(owner_name) if owner_name else gm, leaf, new)
+        plan.setdefault(space.param, {})[space.dim] = _kept(space, keep)
+    return plan
+
+
+def _slice_one(gm: fx.GraphModule, aliases: dict[str, list[str]], param: str, dim: int, kept: np.ndarray) -> None:
+    old = gm.get_parameter(param)
+    index = torch.as_tensor(kept, device=old.device)
+    new = torch.nn.Parameter(old.detach().index_select(dim, index).clone(), requires_grad=old.requires_grad)
+    for name in aliases.get(param, [param]):
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(gm.get_submodule(owner_name) if owner_name else gm, leaf, new)
 
 
 def _parameter_aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
