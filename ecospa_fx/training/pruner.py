@@ -36,6 +36,7 @@ from ecospa_fx.errors import EcospaError, InputError, VerificationError
 from ecospa_fx.report import Report
 from ecospa_fx.training import scores as S
 from ecospa_fx.training.distributed import broadcast_keep, mean_across_ranks
+from ecospa_fx.training.fsdp import fsdp_wrapper, is_sharded, reshard, unshard
 from ecospa_fx.training.graph import capture_trainable, refresh_meta, removed_report
 from ecospa_fx.training.schedule import PruneSchedule
 from ecospa_fx.training.state_slicing import ParamSlice, check_optimizer, slice_grads, slice_optimizer
@@ -76,7 +77,9 @@ class EcoSpaPruner:
         ``state_slicing.SLICEABLE``, checked before anything else.
     importance: "adam" (needs ``exp_avg_sq``), "taylor" (call ``observe()`` after each backward),
         "magnitude", or "auto" ("adam" when the optimizer keeps ``exp_avg_sq``, else "taylor").
-    wrap: re-wraps the module after each prune (``distributed.ddp_wrapper()``); ``model`` is the current one.
+    wrap: re-wraps the module after each prune (``distributed.ddp_wrapper()``, ``fsdp.fsdp_wrapper()`` for a
+        module already ``fully_shard``-ed, optimizer built over its sharded parameters); ``model`` is the
+        current wrapper (under FSDP2 ``module`` too is a new object after each prune).
     verify: check every prune against the mask oracle on ``example_inputs`` (costs a model copy).
     """
 
@@ -110,7 +113,11 @@ class EcoSpaPruner:
         self.schedule, self.wrap = schedule, wrap
         self.module = capture_trainable(model, self.example_inputs, dynamic_shapes)
         self.source = getattr(self.module, "ecospa_source", None) or source_info(model, self.example_inputs)
+        if wrap is None and is_sharded(self.module):
+            self.wrap = wrap = fsdp_wrapper()
         self.model = wrap(self.module) if wrap else self.module
+        if self.importance == "taylor" and is_sharded(self.module):
+            raise InputError("importance='taylor' reads whole gradients; under FSDP use 'adam' or 'magnitude'")
         self.step_count, self.sparsity, self.history = 0, 0.0, []
         self.dense_params = _count(self.module)
         self._origin = {}  # (param, dim) -> original index of every current position
@@ -146,6 +153,9 @@ class EcoSpaPruner:
     def prune(self, sparsity: float) -> PruneEvent:
         """Remove channels until every planned group has lost ``sparsity`` of its dense width."""
         start, before = time.perf_counter(), _count(self.module)
+        sharded = is_sharded(self.module)
+        if sharded:  # FSDP2: gather, prune, re-shard (``fsdp``)
+            self.module, self._discovery = unshard(self.module, check_optimizer(self.optimizer)), None
         d = self._discover()
         scores = mean_across_ranks(self._scores(d))
         keep = broadcast_keep(self._plan(d, scores, sparsity))
@@ -153,6 +163,10 @@ class EcoSpaPruner:
         self.sparsity = sparsity
         if not keep.all():
             self._rewrite(d, keep)
+        if sharded:
+            self.module = self.model = reshard(self.module, check_optimizer(self.optimizer), self.wrap)
+        elif self.wrap and not keep.all():
+            self.model = self.wrap(self.module)
         event = PruneEvent(self.step_count, sparsity, before, _count(self.module), time.perf_counter() - start)
         self.history.append(event)
         return event
@@ -232,8 +246,6 @@ class EcoSpaPruner:
         self._discovery, self._taylor, self._observed = None, None, 0
         self.module.ecospa_report = removed_report(self._origin, self._dense, self.sparsity, self.config.granularity)
         self.module.ecospa_source = self.source
-        if self.wrap:
-            self.model = self.wrap(self.module)
 
     def _track_origin(self, index: dict[str, dict[int, torch.Tensor]]) -> None:
         for name, dims in index.items():
