@@ -290,10 +290,11 @@ def run_eval(args: argparse.Namespace, ui: Ui) -> int:
     )
     ids = read_tokens(args.text, tokenizer, protocol)
     if metric == "perplexity":
-        return _eval_perplexity(args, ui, source.model, ids, protocol)
+        dense = _load_reference(args.reference, plan) if args.reference else None
+        return _eval_perplexity(args, ui, source.model, dense, ids, protocol)
     if reference is None:
         raise InputError("fidelity compares with the dense model: pass --reference DENSE_MODEL_DIR")
-    return _eval_fidelity(args, ui, source.model, reference, ids, protocol)
+    return _eval_fidelity(args, ui, source.model, _load_reference(reference, plan), reference, ids, protocol)
 
 
 def _metric(asked: str, class_name: str) -> str:
@@ -309,17 +310,28 @@ def _check_positions(config, protocol) -> None:
         raise InputError(f"--seq-len {protocol.seq_len} exceeds the model's {limit} positions: pass --seq-len {limit}")
 
 
+def _load_reference(reference: Path, plan: dict):
+    """The dense reference model: its GGUF file as recorded by ``compress``, or the only ``*.gguf`` of a
+    directory without config.json."""
+    recorded = plan.get("source") or {}
+    gguf = recorded.get("gguf_file") if recorded.get("path") == str(reference.resolve()) else None
+    if gguf is None and reference.is_dir() and not (reference / "config.json").is_file():
+        found = sorted(p.name for p in reference.glob("*.gguf"))
+        gguf = found[0] if len(found) == 1 else None
+    return load_source(reference, gguf).model
+
+
 def _recorded_source(plan: dict) -> Path | None:
     path = (plan.get("source") or {}).get("path")
     return Path(path) if path and Path(path).is_dir() else None
 
 
-def _eval_perplexity(args, ui: Ui, model, ids: torch.Tensor, protocol) -> int:
+def _eval_perplexity(args, ui: Ui, model, dense, ids: torch.Tensor, protocol) -> int:
     from ecospa_fx.evaluate import as_dict, perplexity
 
     models = [(str(args.model), model)]
-    if args.reference:
-        models.append((str(args.reference), load_source(args.reference).model))
+    if dense is not None:
+        models.append((str(args.reference), dense))
     results = {}
     for name, m in models:
         with ui.bar(f"perplexity of {Path(name).name}") as advance:
@@ -341,11 +353,10 @@ def _eval_perplexity(args, ui: Ui, model, ids: torch.Tensor, protocol) -> int:
     return 0
 
 
-def _eval_fidelity(args, ui: Ui, model, reference: Path, ids: torch.Tensor, protocol) -> int:
+def _eval_fidelity(args, ui: Ui, model, dense, reference: Path, ids: torch.Tensor, protocol) -> int:
     from ecospa_fx.evaluate import as_dict, chunks, embeddings, fidelity
 
     data = chunks(ids, protocol)
-    dense = load_source(reference).model
     with ui.bar(f"embedding {len(data)} chunks") as advance:
         ours = embeddings(model, data, protocol.batch, advance)
     with ui.bar("embedding with the reference") as advance:
