@@ -13,6 +13,8 @@ from ecospa_fx.cli_ui import Ui
 from ecospa_fx.errors import InputError
 from ecospa_fx.loading import load_source, load_tokenizer, offline
 
+HF_HINT = " (uniform --granularity head or --kinds ffn give configs transformers can load for most models)"
+
 
 def run_demo(args: argparse.Namespace, ui: Ui) -> int:
     from ecospa_fx.demo import run_demo as demo
@@ -149,7 +151,7 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
     hf_line = (
         f"transformers copy: {out / hf['written']} (config changes {hf['config_changes']})"
         if hf["written"]
-        else f"no transformers config: {hf['reason']}"
+        else f"no transformers config: {hf['reason']}" + (HF_HINT if compressed.ecospa_source.get("hf_class") else "")
     )
     ui.note(hf_line)
     ratio = report.params_after / max(report.params_before, 1)

@@ -3,8 +3,11 @@ or a GGUF file as transformers reads it) or an ecospa_fx artifact (a directory w
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,29 +114,49 @@ def load_model(model_dir: Path, gguf_file: str | None):
     ``AutoModelForCausalLM`` (a ``*ForCausalLM``) or ``AutoModel``; a GGUF config has none, so a causal LM
     is tried first. A GGUF-loaded model is dequantized by transformers but still flagged quantized (it
     refuses ``.float()``, ``.double()`` and ``save_pretrained``): it is rebuilt as a plain model."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
     check_model_path(model_dir, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(model_dir, **extra)
-        if hasattr(config, "use_cache"):
-            config.use_cache = False
-        archs = config.architectures or []
-        causal = any(a.endswith("ForCausalLM") for a in archs) or not archs
-        model = None
-        if causal:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32, **extra)
-            except ValueError:  # no causal-LM class for this config: fall back to the base model
-                if archs:
-                    raise
-        if model is None:
-            model = AutoModel.from_pretrained(model_dir, config=config, dtype=torch.float32, **extra)
+        with _quiet_gguf():
+            _, model = _from_pretrained(model_dir, extra)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise InputError(_load_failure(model_dir, gguf_file, err)) from err
     return _dequantized(model).float().eval(), model.config
+
+
+def _from_pretrained(model_dir: Path, extra: dict[str, Any]):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, **extra)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    archs = config.architectures or []
+    causal = any(a.endswith("ForCausalLM") for a in archs) or not archs
+    if causal:
+        try:
+            return config, AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32, **extra)
+        except ValueError:  # no causal-LM class for this config: fall back to the base model
+            if archs:
+                raise
+    return config, AutoModel.from_pretrained(model_dir, config=config, dtype=torch.float32, **extra)
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar (not covered by its progress-bar switch): hide it,
+    the command line shows its own spinner."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _load_failure(model_dir: Path, gguf_file: str | None, err: Exception) -> str:
