@@ -71,7 +71,9 @@ class Ctx:
         value = self.analysis.graph_module
         for part in str(arg.target).split("."):
             value = getattr(value, part, None)
-        return value.detach().cpu() if isinstance(value, torch.Tensor) else None
+        if not isinstance(value, torch.Tensor) or value.is_meta:  # traced on meta: no values, fail closed
+            return None
+        return value.detach().cpu()
 
     def labels_or_none(self, arg: Any) -> Labels:
         lab = self.lab(arg)

@@ -161,7 +161,18 @@ def channel_energy(inputs: ScoreInputs, groups: list[CoupledUnits]) -> np.ndarra
 
 
 def score(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[np.ndarray]:
-    energy = channel_energy(inputs, groups)
+    if inputs.layerwise:  # same statistics, one decoder layer's weights at a time
+        from passes.importance import layerwise
+
+        batches = list(inputs.calibration or [])
+        energy = layerwise.channel_energy(inputs.gm, inputs.facts, groups, batches, inputs.params)
+    else:
+        energy = channel_energy(inputs, groups)
+    return finish_scores(groups, inputs, energy)
+
+
+def finish_scores(groups: list[CoupledUnits], inputs: ScoreInputs, energy: np.ndarray) -> list[np.ndarray]:
+    """Per-unit sums of the channel energy; a group no sink measured falls back to coupled magnitude."""
     out = []
     for group, scores in zip(groups, sum_per_unit(groups, energy), strict=True):
         if not np.any(scores > 0):  # no sink measured for this group: fall back to the data-free score

@@ -37,6 +37,7 @@ class ScoreInputs:
     calibration: Sequence[tuple] | None = None
     loss_fn: LossFn | None = None
     seed: int = 0
+    layerwise: bool = False  # activation statistics one decoder layer at a time (passes.importance.layerwise)
 
 
 @dataclass(frozen=True)
