@@ -3,6 +3,11 @@
     python benchmarks/speed.py                 # full grid: batch 1/8 x seq 128/512, 25%/50%, channel/head
     python benchmarks/speed.py --quick         # batch 1, seq 128, 50% only
     python benchmarks/speed.py --seq 128 --profile   # + per-op-type onnxruntime time (where time goes)
+    python benchmarks/speed.py --preset smollm2 --memory   # SmolLM2-135M shapes, LM head included
+
+Presets: ``llama768`` (default, below) and ``smollm2`` (SmolLM2-135M's config: 30 layers, hidden 576,
+9 query / 3 KV heads of 64, SwiGLU FFN 1536, vocabulary 49,152 with tied embeddings, rope theta 1e5;
+random weights, so the GGUF is not needed: end-to-end timing *including the LM head*).
 
 Model: a 12-layer, 768-wide Llama (12 heads, head_dim 64, SwiGLU FFN 2048, vocabulary 1024 so that the
 LM head does not hide the decoder; random weights: timing only; ``--kv-heads`` for GQA). For each
@@ -40,6 +45,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import ecospa_fx
 from ecospa_fx.export import DEFAULT_OPSET, export_onnx, token_dynamic_shapes
 
+PRESETS = {
+    "llama768": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": None, "head_dim": 64, "ffn": 2048,
+                 "vocab": 1024, "tie": False, "rope_theta": 10000.0},
+    "smollm2": {"layers": 30, "hidden": 576, "heads": 9, "kv_heads": 3, "head_dim": 64, "ffn": 1536,
+                "vocab": 49152, "tie": True, "rope_theta": 100000.0},
+}
+
 
 @dataclass
 class Variant:
@@ -54,13 +66,17 @@ class Variant:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=None, help="KV heads (GQA); default: --heads")
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama768",
+                   help="model shape; the size flags below override it")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads (GQA); default: the preset's")
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--ffn", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--memory", action="store_true",
+                   help="peak resident memory of each model's onnxruntime session (own process) at the largest cell")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--seq", type=int, nargs="+", default=[128, 512])
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5])
@@ -82,9 +98,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="where the .onnx files go (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="batch 1, seq 128, sparsity 0.5, 5 repeats")
     args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.kv_heads = args.kv_heads or args.heads
     if args.quick:
         args.batch, args.seq, args.sparsity, args.repeats = [1], [128], [0.5], 5
-    args.kv_heads = args.kv_heads or args.heads
     return args
 
 
@@ -93,6 +112,7 @@ def llama(args, *, heads=None, kv_heads=None, head_dim=None, ffn=None, seed=0) -
         hidden_size=args.hidden, intermediate_size=ffn or args.ffn, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
         vocab_size=args.vocab, use_cache=False, max_position_embeddings=max(2048, *args.seq),
+        tie_word_embeddings=args.tie, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
     )
     # set after validation: some transformers versions insist on hidden % heads == 0, which a model with
     # explicit head_dim and fewer heads (9 x 64 < 768) does not need
@@ -283,10 +303,50 @@ def _per_op_median(events: list[dict], skip: int) -> Counter:
     return Counter({op: statistics.median(c.get(op, 0.0) for c in kept) for op in ops})
 
 
+_PEAK_SCRIPT = """
+import sys, numpy as np, onnxruntime as ort
+path, batch, seq, vocab, threads = sys.argv[1], *map(int, sys.argv[2:])
+so = ort.SessionOptions()
+so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int64)
+session.run(None, {"input_ids": ids})
+print(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])  # kB; ru_maxrss survives exec
+"""
+
+
+def peak_memory_mb(variants, batch: int, seq: int, args) -> dict[str, float]:
+    """Peak resident set (MB) of a fresh process that loads each ONNX model into onnxruntime and runs it
+    once at ``batch x seq`` (weights + arena + activations + the logits, plus ~40 MB of Python/ORT)."""
+    import subprocess
+
+    out = {}
+    for v in all_variants(variants):
+        res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(v.onnx), str(batch), str(seq),
+                              str(args.vocab), str(args.threads)], capture_output=True, text=True, check=True)
+        out[v.name] = int(res.stdout.split()[-1]) / 1024
+    return out
+
+
+def op_diffs(variants) -> None:
+    """ONNX nodes by op type: every model against dense, and compressed against built-small."""
+    dense = Counter(variants[0].ops)
+    print(f"\nONNX graph, dense: {sum(dense.values())} nodes; extra nodes by op type vs dense / vs built-small")
+    for v in variants[1:]:
+        vs_dense = Counter(v.ops)
+        vs_dense.subtract(dense)
+        line = f"  {v.name}: vs dense {({k: n for k, n in sorted(vs_dense.items()) if n}) or 'none'}"
+        if v.reference:
+            extra = Counter(v.ops)
+            extra.subtract(Counter(v.reference.ops))
+            line += f"; vs built-small {({k: n for k, n in sorted(extra.items()) if n}) or 'none'}"
+        print(line)
+
+
 def report(variants, results, args) -> None:
     dense = variants[0]
-    print(f"\n{args.layers}-layer Llama, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV), head_dim "
-          f"{args.head_dim}, FFN {args.ffn}, vocab {args.vocab}; onnxruntime {ort.__version__} (opset "
+    print(f"\n{args.preset}: {args.layers}-layer Llama, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV), "
+          f"head_dim {args.head_dim}, FFN {args.ffn}, vocab {args.vocab}; onnxruntime {ort.__version__} (opset "
           f"{args.opset}) and torch {torch.__version__} eager, {args.threads} threads, median ms\n")
     cols = ["batch", "seq", "model", "params x", "FLOPs x", "ORT ms", "ORT x"]
     if not args.no_torch:
@@ -304,13 +364,7 @@ def report(variants, results, args) -> None:
             ref = v.reference
             row.append(f"{cell['ort'][ref.name] / cell['ort'][v.name]:.2f}" if ref else "")
             print("| " + " | ".join(row) + " |")
-    print("\nONNX graph, compressed vs built-small: extra nodes by op type")
-    for v in variants[1:]:
-        if v.reference:
-            extra = Counter(v.ops)
-            extra.subtract(Counter(v.reference.ops))
-            diff = {op: n for op, n in sorted(extra.items()) if n}
-            print(f"  {v.name}: {diff or 'none'}")
+    op_diffs(variants)
 
 
 def main(argv=None) -> int:
@@ -329,6 +383,12 @@ def main(argv=None) -> int:
                 results[(batch, seq)] = time_cell(variants, sessions, batch, seq, args)
                 print(f"# timed batch {batch} seq {seq} in {time.perf_counter() - t:.0f}s", flush=True)
         report(variants, results, args)
+        if args.memory:
+            batch, seq = max(args.batch), max(args.seq)
+            peaks = peak_memory_mb(variants, batch, seq, args)
+            print(f"\npeak resident memory, onnxruntime, batch {batch} x seq {seq} (own process), MB:")
+            for v in all_variants(variants):
+                print(f"  {v.name}: {peaks[v.name]:.0f} (fp32 weights {v.params * 4 / 2**20:.0f})")
         if args.profile:
             profile_ops(variants, args, workdir)
     return 0
