@@ -13,7 +13,7 @@ from ecospa_fx.cli_ui import Ui
 from ecospa_fx.errors import InputError
 from ecospa_fx.loading import load_source, load_tokenizer, offline
 
-HF_HINT = " (uniform --granularity head or --kinds ffn give configs transformers can load for most models)"
+HF_HINT = " (--granularity head or --kinds ffn often give one: see README, Command line)"
 
 
 def run_demo(args: argparse.Namespace, ui: Ui) -> int:

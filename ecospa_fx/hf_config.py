@@ -117,8 +117,8 @@ def config_changes(report: Report, config) -> tuple[dict[str, int], str]:
     kv_key, kv = _config_value(config, KV_KEYS)
     dim_key, head_dim = _config_value(config, HEAD_DIM_KEYS)
     hidden = getattr(config, "hidden_size", None)
-    if head_dim is None and heads and hidden:
-        head_dim = hidden // heads
+    if head_dim is None and heads and hidden:  # classes that read getattr(config, "head_dim", hidden // heads)
+        dim_key, head_dim = "head_dim", hidden // heads
     if "ffn" in first:
         key, width = _config_value(config, FFN_KEYS)
         kept = _kept_of_size(first["ffn"], width)
@@ -138,9 +138,11 @@ def config_changes(report: Report, config) -> tuple[dict[str, int], str]:
     attn = [first[k] for k in ("qk", "vo") if k in first]
     if attn:
         if not dim_key or not heads:
-            return {}, "head_dim channels were pruned but the config derives head_dim from hidden_size"
+            return {}, "head_dim channels were pruned but the config has no head count or head_dim"
         dims = {_kept_of_size(g, heads * head_dim) for g in attn}
-        if "qk" not in first or "vo" not in first or len(dims) != 1 or None in dims:
+        if None in dims:
+            return {}, "the attention projections are fused or not heads x head_dim wide: no config field holds them"
+        if "qk" not in first or "vo" not in first or len(dims) != 1:
             return {}, "Q/K and V/O keep different head_dim widths: one config head_dim cannot hold both"
         changes[dim_key] = dims.pop() // heads
     return changes, ""
@@ -180,7 +182,9 @@ def _build_and_check(cls, config, changes: dict[str, int], compressed, inputs, r
     return HFEquivalent(model=model, changes=changes, max_abs_diff=diff[0], scale_folded=folded)
 
 
-def _redraw(x: torch.Tensor, config) -> torch.Tensor:
+def _redraw(x: torch.Tensor | None, config) -> torch.Tensor | None:
+    if not isinstance(x, torch.Tensor):
+        return x
     generator = torch.Generator().manual_seed(1)
     if x.dtype.is_floating_point:
         return torch.randn(x.shape, generator=generator, dtype=x.dtype)

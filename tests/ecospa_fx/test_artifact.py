@@ -92,7 +92,7 @@ def test_uniform_widths_give_a_config_transformers_loads(kind, options, changes,
     ("kind", "options", "reason"),
     [
         ("llama", {}, "computes a different function"),  # head_dim channels: rotary frequencies differ
-        ("bert", {}, "derives head_dim from hidden_size"),
+        ("bert", {}, "does not take the compressed tensors"),  # BERT's head size is hidden_size / heads
         ("bert", {"granularity": "head"}, "does not take the compressed tensors"),
     ],
 )

@@ -105,7 +105,7 @@ def test_compress_encoder_then_eval_fidelity(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("wrote ") and len(out.strip().splitlines()) == 1
     plan = json.loads((tmp_path / "b" / "ecospa.json").read_text())
-    assert plan["hf_export"]["written"] is None and "head_dim" in plan["hf_export"]["reason"]
+    assert plan["hf_export"]["written"] is None and "BertModel with" in plan["hf_export"]["reason"]
     ev = run("eval", tmp_path / "b", "--text", tiny["text"], "--seq-len", "16", "--json")  # reference: recorded
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout)["result"]
