@@ -6,9 +6,10 @@
    scores run one decoder layer at a time (``passes.importance.layerwise``). The result carries
    ``slices``: ``{parameter: {dim: kept indices}}``, the rewrite's parameter plan as data
    (``passes.rewrite.parameter_plan``).
-2. ``stream_apply(src, slices, out)``: read every tensor of every input shard (memory-mapped), apply its
-   slices with the same ``index_select`` the rewrite uses, and write compressed safetensors shards of at most
-   ``max_shard_bytes`` plus an index, never holding more than one input shard's pages and one output buffer.
+2. ``stream_apply(src, slices, out)``: lay the output shards out from the input headers alone, then read
+   every tensor (memory-mapped), apply its slices with the same ``index_select`` the rewrite uses and write it
+   straight into its output shard (safetensors format, at most ``max_shard_bytes`` each, plus an index):
+   resident memory is one input shard's touched pages plus one tensor and its slice.
 
 Checkpoint names are the model's parameter names (Hugging Face ``save_pretrained`` layout); a tied parameter
 absent from the checkpoint (``lm_head.weight`` tied to ``model.embed_tokens.weight``) maps to its stored alias.
@@ -25,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import InputError
@@ -203,76 +203,107 @@ def checkpoint_slices(model: torch.nn.Module, slices: Slices, stored: set[str] |
 def slice_tensor(tensor: torch.Tensor, dims: Mapping[int, np.ndarray]) -> torch.Tensor:
     """``index_select`` along every planned dim, in plan order (exactly what the rewrite does)."""
     for dim, kept in dims.items():
-        tensor = tensor.index_select(int(dim), torch.as_tensor(np.asarray(kept), dtype=torch.long)).clone()
+        tensor = tensor.index_select(int(dim), torch.as_tensor(np.asarray(kept), dtype=torch.long))
     return tensor
 
 
-class ShardWriter:
-    """Collects tensors and writes a safetensors shard whenever the buffer would pass ``max_bytes``; ``close``
-    names the shards ``model-0000i-of-0000n.safetensors`` and writes the Hugging Face index."""
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
-    def __init__(self, out: str | Path, max_bytes: int):
-        self.out, self.max_bytes = Path(out), max_bytes
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = self.total = 0
-        self.parts: list[tuple[Path, list[str]]] = []
-        self.peak_buffer = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + size > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += size
-        self.total += size
-        self.peak_buffer = max(self.peak_buffer, self.buffered)
+@dataclass
+class _Entry:
+    """One output tensor: where it comes from, its dtype code, shape after slicing, and byte size."""
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        path = self.out / f"part-{len(self.parts):05d}.tmp"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.parts.append((path, list(self.buffer)))
-        self.buffer, self.buffered = {}, 0
+    name: str
+    source: Path
+    dtype: str
+    shape: list[int]
 
-    def close(self) -> list[Path]:
-        self.flush()
-        n, weight_map, files = len(self.parts), {}, []
-        for i, (tmp, names) in enumerate(self.parts):
-            final = self.out / (f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors")
-            tmp.rename(final)
-            files.append(final)
-            weight_map.update(dict.fromkeys(names, final.name))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-            (self.out / INDEX).write_text(json.dumps(index, indent=1))
-        return files
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+
+
+def output_layout(src: str | Path, slices: Slices, max_shard_bytes: int) -> list[list[_Entry]]:
+    """Output shards from the input headers alone: every tensor in input order with its sliced shape, a new
+    shard started when the next tensor would take the current one past ``max_shard_bytes``."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for file in shard_files(src):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                info = f.get_slice(key)
+                shape = list(info.get_shape())
+                for dim, kept in slices.get(key, {}).items():
+                    shape[int(dim)] = len(kept)
+                entry = _Entry(key, file, info.get_dtype(), shape)
+                if shards[-1] and size + entry.nbytes > max_shard_bytes:
+                    shards.append([])
+                    size = 0
+                shards[-1].append(entry)
+                size += entry.nbytes
+    return [s for s in shards if s]
+
+
+def _header(entries: list[_Entry]) -> bytes:
+    """The safetensors header: 8-byte little-endian length, then JSON padded with spaces to 8 bytes."""
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        meta[e.name] = {"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def _write_shard(path: Path, entries: list[_Entry], slices: Slices, handles: dict) -> None:
+    """Write one output shard tensor by tensor, straight from the (memory-mapped) input to the file."""
+    with open(path, "wb") as out:
+        out.write(_header(entries))
+        for e in entries:
+            if e.source not in handles:
+                handles.clear()  # inputs are read in order: one input shard open at a time
+                handles[e.source] = safe_open(str(e.source), framework="pt")
+            tensor = slice_tensor(handles[e.source].get_tensor(e.name), slices.get(e.name, {})).contiguous()
+            if list(tensor.shape) != e.shape:
+                raise InputError(f"{e.name}: sliced shape {list(tensor.shape)} != planned {e.shape}")
+            out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del tensor
 
 
 def stream_apply(src: str | Path, slices: Slices, out: str | Path, *, max_shard_bytes: int = 2**30) -> dict[str, Any]:
-    """Write ``src``'s tensors to ``out`` as compressed safetensors shards, one input tensor at a time.
+    """Write ``src``'s tensors to ``out`` as compressed safetensors shards, one tensor at a time.
 
-    ``slices``: ``{checkpoint tensor name: {dim: kept indices}}`` (``checkpoint_slices``). Input shards are
-    memory-mapped; resident memory is bounded by one input shard's touched pages plus the output buffer
-    (at most ``max_shard_bytes``, or one tensor if larger). Returns byte counts and the written files.
+    ``slices``: ``{checkpoint tensor name: {dim: kept indices}}`` (``checkpoint_slices``). The output layout
+    comes from the input headers, so every tensor is read (memory-mapped), sliced and written straight to its
+    shard: resident memory is one input shard's touched pages plus one tensor and its slice, never an output
+    buffer. Shards are ``model-0000i-of-0000n.safetensors`` of at most ``max_shard_bytes`` (or one tensor)
+    with a Hugging Face index. Returns byte counts and the written files.
     """
-    files = shard_files(src)
     unknown = sorted(set(slices) - set(tensor_index(src)))
     if unknown:
         raise InputError(f"the plan slices tensors the checkpoint lacks: {unknown[:3]}")
-    writer = ShardWriter(out, max_shard_bytes)
-    read = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensor = f.get_tensor(key)
-                read += tensor.numel() * tensor.element_size()
-                writer.add(key, slice_tensor(tensor, slices[key]) if key in slices else tensor)
-                del tensor
-    written = writer.close()
-    return {"files": [str(p) for p in written], "bytes_in": read, "bytes_out": writer.total,
-            "peak_output_buffer": writer.peak_buffer, "largest_input_shard": max(p.stat().st_size for p in files)}
+    layout = output_layout(src, slices, max_shard_bytes)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    n, files, handles, weight_map = len(layout), [], {}, {}
+    for i, entries in enumerate(layout):
+        path = target / (f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors")
+        _write_shard(path, entries, slices, handles)
+        files.append(path)
+        weight_map.update(dict.fromkeys((e.name for e in entries), path.name))
+    handles.clear()
+    total = sum(e.nbytes for entries in layout for e in entries)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (target / INDEX).write_text(json.dumps(index, indent=1))
+    inputs = shard_files(src)
+    return {"files": [str(p) for p in files], "bytes_in": sum(p.stat().st_size for p in inputs), "bytes_out": total,
+            "largest_output_shard": max(sum(e.nbytes for e in entries) for entries in layout),
+            "largest_tensor": max(e.nbytes for entries in layout for e in entries),
+            "largest_input_shard": max(p.stat().st_size for p in inputs)}
 
 
 def write_plan(out: str | Path, plan: CompressionPlan, slices: Slices) -> Path:
