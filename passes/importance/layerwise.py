@@ -102,6 +102,14 @@ class _LayerwiseCollector(_Collector):
         return self.env
 
 
+def _until_last_sink(segs: list[list[fx.Node]], sinks: set[str]) -> list[list[fx.Node]]:
+    """``segs`` cut after the last sink node: the final norm, LM head and logits are never computed."""
+    flat = [n for seg in segs for n in seg]
+    last = max((i for i, n in enumerate(flat) if n.name in sinks), default=len(flat) - 1)
+    keep = set(flat[: last + 1])
+    return [cut for cut in ([n for n in seg if n in keep] for seg in segs) if cut]
+
+
 def _nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
@@ -115,8 +123,9 @@ def channel_energy(
     the graph's own parameters); ``stats`` (optional) receives segment count and peak weight bytes."""
     source = source if source is not None else dict(gm.named_parameters(remove_duplicate=False))
     acc = np.zeros(facts.n_channels, dtype=np.float64)
-    collector = _LayerwiseCollector(gm, plan_sinks(facts, wanted_mask(facts, groups)), acc, source)
-    segs = segments(gm)
+    plans = plan_sinks(facts, wanted_mask(facts, groups))
+    collector = _LayerwiseCollector(gm, plans, acc, source)
+    segs = _until_last_sink(segments(gm), set(plans))
     envs: list[dict] = [{} for _ in batches]
     with torch.no_grad():
         for nodes in segs:
