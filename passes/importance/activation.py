@@ -17,7 +17,8 @@ where activations are averaged over their other letters (batch, tokens) and weig
 
 ``energy`` is scattered into the global channel ids of ``x`` (one side only, so nothing counts twice) and a
 unit's score is the sum over its channels, over calibration batches. The graph runs under a
-``torch.fx.Interpreter`` that frees every value after its last use, and only per-channel sums are kept:
+``torch.fx.Interpreter`` that frees every value after its last use and stops after the last sink (the final
+norm and LM head, and their [B, S, vocab] logits, are never computed), and only per-channel sums are kept:
 memory is the model plus the live activations of the current layer, never a stored activation.
 """
 
@@ -118,11 +119,47 @@ def _reduced(t: torch.Tensor, f: _Factor, kept: list[str], sizes: dict[str, int]
     return sq.expand(shape)
 
 
-class _Collector(fx.Interpreter):
+class StopAfterLast(fx.Interpreter):
+    """An interpreter that stops right after the last node it needs (``StopAfterLast.run_until``): what
+    follows the last sink (final norm, LM head, the [B, S, vocab] logits) is never computed."""
+
+    last: str | None = None
+    _stopping: bool = False  # only run_until stops early (subclasses may run segments themselves)
+
+    def run_until(self, *args) -> None:
+        self.extra_traceback, self._stopping = False, True  # _Done is control flow, not an error
+        try:
+            self.run(*args)
+        except _Done:
+            pass
+        finally:
+            self._stopping = False
+            self.env.clear()
+
+    def stop_if_last(self, n: fx.Node) -> None:
+        if self._stopping and n.name == self.last:
+            raise _Done
+
+
+class _Done(Exception):
+    pass
+
+
+def last_node(gm: fx.GraphModule, names) -> str | None:
+    """The name of the last node of ``gm`` (in graph order) among ``names``."""
+    last = None
+    for n in gm.graph.nodes:
+        if n.name in names:
+            last = n.name
+    return last
+
+
+class _Collector(StopAfterLast):
     def __init__(self, gm: fx.GraphModule, plans: dict[str, list[_Sink]], acc: np.ndarray):
         super().__init__(gm)  # garbage_collect_values: every value is freed after its last use
         self.plans, self.acc = plans, acc
         self.weights: dict[tuple[int, int], torch.Tensor] = {}  # reduced weights, computed once
+        self.last = last_node(gm, plans)
 
     def run_node(self, n: fx.Node):
         plans = self.plans.get(n.name)
@@ -144,6 +181,7 @@ class _Collector(fx.Interpreter):
                     energy = part if energy is None else energy * part
                 if energy is not None:
                     np.add.at(self.acc, sink.ids.ravel(), energy.reshape(-1).cpu().numpy())
+            self.stop_if_last(n)
         return super().run_node(n)
 
 
@@ -156,7 +194,7 @@ def channel_energy(inputs: ScoreInputs, groups: list[CoupledUnits]) -> np.ndarra
     batches = list(inputs.calibration or [])
     with torch.no_grad():
         for batch in batches:
-            collector.run(*batch)
+            collector.run_until(*batch)
     return acc / max(1, len(batches))
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from passes.importance.activation import StopAfterLast, last_node
 from passes.importance.base import ScoreInputs, operand_ids, sinks
 
 aten = torch.ops.aten
@@ -61,12 +62,14 @@ def linear_sinks(inputs: ScoreInputs, wanted: np.ndarray) -> tuple[dict[str, np.
     return out, skipped
 
 
-class _MeanCollector(fx.Interpreter):
-    """Runs the graph (values freed after last use) and sums each sink input over its leading axes."""
+class _MeanCollector(StopAfterLast):
+    """Runs the graph up to the last sink (values freed after last use) and sums each sink input over its
+    leading axes."""
 
     def __init__(self, gm: fx.GraphModule, names: set[str]):
         super().__init__(gm)
         self.names = names
+        self.last = last_node(gm, names)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
@@ -76,6 +79,7 @@ class _MeanCollector(fx.Interpreter):
             flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
             self.sums[n.name] = self.sums.get(n.name, 0) + flat.sum(0)
             self.counts[n.name] = self.counts.get(n.name, 0) + flat.shape[0]
+            self.stop_if_last(n)
         return super().run_node(n)
 
 
@@ -85,7 +89,7 @@ def sink_means(inputs: ScoreInputs, wanted: np.ndarray) -> SinkMeans:
     collector = _MeanCollector(inputs.gm, set(ids))
     with torch.no_grad():
         for batch in inputs.calibration or []:
-            collector.run(*batch)
+            collector.run_until(*batch)
     means = {k: (collector.sums[k] / collector.counts[k]).cpu().numpy() for k in ids if k in collector.sums}
     return SinkMeans({k: v for k, v in ids.items() if k in means}, means, skipped)
 

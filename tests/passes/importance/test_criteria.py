@@ -138,3 +138,25 @@ def test_fisher_leaves_no_gradients_behind(block):
     score_groups("fisher", list(groups.values()), inputs)
     assert all(p.grad is None for p in inputs.gm.parameters())
     assert flags == {n: p.requires_grad for n, p in inputs.gm.named_parameters()}
+
+
+def test_calibration_stops_after_the_last_sink(block):
+    """Nothing after the last sink runs (for an LM: final norm, LM head, logits); energies unchanged."""
+    from passes.importance import activation
+    from passes.importance.base import wanted_mask
+
+    inputs, groups, batches = prepare(block)
+    plans = activation.plan_sinks(inputs.facts, wanted_mask(inputs.facts, list(groups.values())))
+    seen: list[str] = []
+
+    class Counting(activation._Collector):
+        def run_node(self, n):
+            seen.append(n.name)
+            return super().run_node(n)
+
+    collector = Counting(inputs.gm, plans, np.zeros(inputs.facts.n_channels))
+    collector.run_until(*batches[0])
+    order = [n.name for n in inputs.gm.graph.nodes]
+    assert seen[-1] == collector.last == max(plans, key=order.index)
+    assert "output" not in seen and len(seen) < len(order)
+    assert not collector.env  # nothing held between batches
