@@ -137,32 +137,37 @@ class Prunable:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """A table row ``criterion[+global][+norm][+comp]``: ``global`` plans globally by parameters
-    (``allocation="global", budget="params"``), ``norm`` divides each group's scores by their sum (a unit's
-    share of its group), ``comp`` adds bias compensation of the removed V/O and FFN channels, ``plan`` only
-    plans (per-layer allocation, no perplexity)."""
+    """A table row ``criterion[+global][+norm|+med][+comp][+plan]``: ``global`` plans globally by
+    parameters (``allocation="global", budget="params"``); ``norm`` divides each group's scores by their sum
+    (a unit's share of its group), ``med`` by the group's median unit score (robust to massive-activation
+    units); ``comp`` adds bias compensation of the removed V/O and FFN channels; ``plan`` only plans
+    (per-layer allocation, no perplexity)."""
 
     criterion: str
     allocation: str = "uniform"
-    normalise: bool = False
+    normalise: str = ""  # "sum": a unit's share of its group; "median": relative to the group's median unit
     compensate: bool = False
     plan_only: bool = False  # +plan: plan and report the allocation, no evaluation
 
     @classmethod
     def parse(cls, row: str) -> RowSpec:
         criterion, *mods = row.split("+")
-        unknown = set(mods) - {"global", "norm", "comp", "plan"}
+        unknown = set(mods) - {"global", "norm", "med", "comp", "plan"}
         if unknown:
             raise SystemExit(f"unknown row modifiers {sorted(unknown)} in {row!r}")
-        return cls(criterion, "global" if "global" in mods else "uniform", "norm" in mods, "comp" in mods,
-                   "plan" in mods)
+        norm = "sum" if "norm" in mods else "median" if "med" in mods else ""
+        return cls(criterion, "global" if "global" in mods else "uniform", norm, "comp" in mods, "plan" in mods)
 
     @property
     def budget(self) -> str:
         return "params" if self.allocation == "global" else "channels"
 
     def transform(self, scores: list[np.ndarray]) -> list[np.ndarray]:
-        return [s / max(float(s.sum()), 1e-300) for s in scores] if self.normalise else scores
+        if self.normalise == "sum":
+            return [s / max(float(s.sum()), 1e-300) for s in scores]
+        if self.normalise == "median":
+            return [s / max(float(np.median(s)), 1e-300) for s in scores]
+        return scores
 
 
 def n_params(module: nn.Module) -> int:
