@@ -10,7 +10,7 @@
    decoder layer at a time), writing the slices as JSON.
 3. Another child process streams the shards (``stream_apply``) and reports its peak RSS above the RSS it had
    before streaming (``/proc/self/status`` VmHWM against VmRSS), next to the largest input shard and the
-   largest tensor. A third child loads every shard at once (``safetensors.torch.load_file``), for comparison.
+   largest tensor. A third child loads every shard into memory at once (``load_file`` + clone), for comparison.
 4. Every output tensor is compared bit for bit with the reference's parameter of the same name.
 """
 
@@ -117,7 +117,7 @@ def child_load_all(work: Path) -> dict:
     base = rss_now()
     state = {}
     for file in sorted((work / "src").glob("*.safetensors")):
-        state.update(load_file(file))
+        state.update({k: v.clone() for k, v in load_file(file).items()})  # load_file maps lazily: materialise
     return {"load_all_rss_delta_mb": round((peak_rss() - base) / MB)}
 
 

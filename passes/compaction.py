@@ -75,14 +75,13 @@ def remap_slice(
     if p + 1 < mask.ndim:  # a position of an outer axis is a whole block: kept if anything in it is
         mask = mask.any(axis=tuple(range(p + 1, mask.ndim)))
     rows = mask.reshape(-1, mask.shape[p])
-    picked = set(range(*slice(*bounds).indices(rows.shape[1])))
+    picked = np.unique(np.arange(*slice(*bounds).indices(rows.shape[1])))  # ascending, as a set would sort
     result = None
     for row in rows:
         if not row.any():
             continue
         compact = np.cumsum(row) - 1
-        sel = [int(compact[p]) for p in sorted(picked) if row[p]]
-        new = _as_range(sel)
+        new = _as_range(compact[picked][row[picked]])
         if result is not None and new != result:
             raise CompactionError("a slice selects different kept positions in different rows")
         result = new
@@ -91,15 +90,16 @@ def remap_slice(
     return result
 
 
-def _as_range(sel: list[int]) -> tuple[int, int, int]:
-    if not sel:
+def _as_range(sel: np.ndarray) -> tuple[int, int, int]:
+    """``(start, end, step)`` of the increasing strided range ``sel`` (an int array), else an error."""
+    if not len(sel):
         return (0, 0, 1)
-    st = sel[1] - sel[0] if len(sel) > 1 else 1
+    st = int(sel[1] - sel[0]) if len(sel) > 1 else 1
     if st <= 0:
-        raise CompactionError(f"kept positions {sel} are not increasing")
-    cand = (sel[0], sel[-1] + 1, st)
-    if list(range(*cand)) != sel:
-        raise CompactionError(f"kept positions {sel} are not a strided range")
+        raise CompactionError(f"kept positions {np.asarray(sel).tolist()} are not increasing")
+    cand = (int(sel[0]), int(sel[-1]) + 1, st)
+    if not np.array_equal(np.arange(*cand), sel):
+        raise CompactionError(f"kept positions {np.asarray(sel).tolist()} are not a strided range")
     return cand
 
 
