@@ -123,16 +123,19 @@ class CheckpointTensors(Mapping):
         return name in self.extra or self.names.get(name) in self.index  # type: ignore[call-overload]
 
 
-def open_checkpoint(model: torch.nn.Module, src: str | Path, extra: Mapping[str, torch.Tensor] | None = None):
-    """``CheckpointTensors`` over ``src`` addressed by ``model``'s parameter names (tied aliases resolved);
-    real (non-meta) buffers of ``model`` are added so a weightless model's graph can run layer by layer."""
-    index = tensor_index(src)
-    buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if not b.is_meta}
-    buffers.update(extra or {})
-    missing = [n for n, p in model.named_parameters() if n not in checkpoint_names(model, index)]
+def open_checkpoint(
+    model: torch.nn.Module, src: str | Path, extra: Mapping[str, torch.Tensor] | None = None
+) -> CheckpointTensors:
+    """``CheckpointTensors`` over ``src`` addressed by ``model``'s parameter names (tied aliases resolved).
+    Real (non-meta) buffers of ``model`` and ``extra`` (e.g. the buffers of a model built under
+    ``accelerate.init_empty_weights()``) are added so a weightless model's graph can run layer by layer."""
+    names = checkpoint_names(model, tensor_index(src))
+    missing = [n for n, _ in model.named_parameters() if n not in names]
     if missing:
         raise InputError(f"{src} lacks {len(missing)} parameters of the model (e.g. {missing[0]})")
-    return CheckpointTensors(src, checkpoint_names(model, index), buffers)
+    buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if not b.is_meta}
+    buffers.update(extra or {})
+    return CheckpointTensors(src, names, buffers)
 
 
 # ---------------------------------------------------------------------------------- planning

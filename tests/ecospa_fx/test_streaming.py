@@ -92,3 +92,11 @@ def test_output_shards_are_bounded_and_plan_is_written(tmp_path):
             assert got[name].shape[int(dim)] == len(kept)
     assert {tuple(r[:2]) for r in written["removed"]} == set(plan.report.removed)
     assert np.all([len(v) for v in plan.report.removed.values()])
+
+
+def test_tied_parameters_map_to_the_stored_alias(tmp_path):
+    model, src = _saved(tmp_path, tied=True)
+    weights = open_checkpoint(_meta(True), src)
+    assert weights.names["lm_head.weight"] == "model.embed_tokens.weight"
+    assert torch.equal(weights["lm_head.weight"], model.lm_head.weight)
+    assert "lm_head.weight" in weights and "nonexistent.weight" not in weights
