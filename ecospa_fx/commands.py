@@ -254,13 +254,13 @@ def run_export(args: argparse.Namespace, ui: Ui) -> int:
         ui.note(f"compressed at sparsity {c['sparsity']:g}: parameters {c['params_before']:,} -> {c['params_after']:,}")
     ui.show(result.summary())
     ui.result(
-        f"wrote {result.path}: onnxruntime vs PyTorch max abs diff {result.max_diff:.2e} (atol {args.atol:g})",
+        f"wrote {result.path}: onnxruntime vs PyTorch max abs diff {result.max_diff:.2e} (atol {outcome.atol:.2g})",
         {
             "onnx": str(result.path),
             "opset": result.opset,
             "dynamic_axes": result.dynamic_axes,
             "max_abs_diff": result.max_abs_diff,
-            "atol": args.atol,
+            "atol": outcome.atol,
             "params": outcome.params,
             "notes": [*outcome.notes, *result.notes],
             "compress": outcome.compress,
