@@ -96,6 +96,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="onnxruntime per-op-type time for dense, compressed and built-small at the first cell")
     p.add_argument("--workdir", type=Path, default=None, help="where the .onnx files go (default: a temp dir)")
+    p.add_argument("--onnx-dir", type=Path, default=None,
+                   help="time the .onnx files already in this directory (a --workdir of an earlier run) in "
+                   "onnxruntime only: no compression, export, eager timing or FLOP count")
     p.add_argument("--quick", action="store_true", help="batch 1, seq 128, sparsity 0.5, 5 repeats")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -188,6 +191,22 @@ def build_variants(args, workdir: Path) -> list[Variant]:
         print(f"# exported {v.name}: opset {result.opset}, dynamic {result.dynamic_axes}, parity "
               f"{result.max_diff:.1e}, {time.perf_counter() - t:.1f}s {notes}", flush=True)
         v.flops = {s: flops(v.torch_model, s, args.vocab) for s in args.seq}
+    return variants
+
+
+def onnx_variants(folder: Path) -> list[Variant]:
+    """Variants from the ``.onnx`` files of an earlier run's ``--workdir`` (dense first); parameters are the
+    initializers' element counts, ops the node counts by type."""
+    import onnx
+
+    variants = []
+    for path in sorted(folder.glob("*.onnx"), key=lambda p: (p.stem != "dense", p.stem)):
+        model = onnx.load(str(path), load_external_data=False)
+        params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+        name = path.stem.replace("_built-small", " built-small")
+        name = " ".join(f"{w}%" if w.isdigit() else w for w in name.split("_"))
+        v = Variant(name, None, params, path, dict(Counter(n.op_type for n in model.graph.node)))
+        variants.append(v)
     return variants
 
 
@@ -356,9 +375,9 @@ def report(variants, results, args) -> None:
     print("|" + "---|" * 3 + "---:|" * (len(cols) - 3))
     for (batch, seq), cell in results.items():
         for v in all_variants(variants):
-            row = [str(batch), str(seq), v.name, f"{dense.params / v.params:.2f}",
-                   f"{dense.flops[seq] / v.flops[seq]:.2f}", f"{cell['ort'][v.name]:.1f}",
-                   f"{cell['ort']['dense'] / cell['ort'][v.name]:.2f}"]
+            flops_x = f"{dense.flops[seq] / v.flops[seq]:.2f}" if v.flops else "n/a"
+            row = [str(batch), str(seq), v.name, f"{dense.params / v.params:.2f}", flops_x,
+                   f"{cell['ort'][v.name]:.1f}", f"{cell['ort']['dense'] / cell['ort'][v.name]:.2f}"]
             if not args.no_torch:
                 row += [f"{cell['torch'][v.name]:.1f}", f"{cell['torch']['dense'] / cell['torch'][v.name]:.2f}"]
             ref = v.reference
@@ -374,7 +393,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        variants = build_variants(args, workdir)
+        if args.onnx_dir:
+            args.no_torch = True
+            variants = onnx_variants(args.onnx_dir)
+        else:
+            variants = build_variants(args, workdir)
         sessions = {v.name: ort_session(v.onnx, args.threads) for v in all_variants(variants)}
         results = {}
         for seq in args.seq:
