@@ -129,7 +129,10 @@ def _unique_rows(*columns: np.ndarray) -> np.ndarray:
     key = np.zeros(len(cols[0]), dtype=np.int64)
     for c, base in zip(cols, bases, strict=True):
         key = key * base + c
-    key = unique_ids(key)
+    if len(key) > 1 and bool(np.all(key[1:] >= key[:-1])):  # already sorted (unit, space) rows: no sort
+        key = key[np.concatenate(([True], key[1:] != key[:-1]))]
+    else:
+        key = unique_ids(key)
     out = np.empty((len(key), len(cols)), dtype=np.int64)
     for i in range(len(cols) - 1, -1, -1):
         key, out[:, i] = np.divmod(key, bases[i])
