@@ -8,8 +8,9 @@ Builds each model from a transformers config under ``torch.device("meta")`` (no 
 runs what ``ecospa_fx.streaming.plan_compression`` runs, stage by stage: capture (torch.export), analyse
 (axis labels and ties), groups, plan (data-free magnitude at 50% removed: on meta every unit scores the same,
 so this times the planning machinery, not a ranking; uniform per-group ratio, GQA families, rotary pairs),
-reconcile (rewritability preflight) and the parameter slices. Prints wall time per stage, peak RSS and
-group counts. Each configuration runs in its own process so peak RSS is per configuration. ``--width`` sets
+reconcile (rewritability preflight) and the parameter slices. Prints wall time (total and per stage),
+CPU time of the process (user + system: the figure to compare on a shared machine), peak RSS and group
+counts. Each configuration runs in its own process so peak RSS is per configuration. ``--width`` sets
 hidden size (heads keep head_dim 128, FFN keeps the shape's FFN/hidden ratio).
 """
 
@@ -62,6 +63,7 @@ def measure(shape: str, layers: int | None, width: int | None = None) -> dict:
         config._experts_implementation = "batched_mm"
     times = {}
     start = last = time.perf_counter()
+    cpu = time.process_time()
 
     def lap(name: str) -> None:
         nonlocal last
@@ -85,7 +87,8 @@ def measure(shape: str, layers: int | None, width: int | None = None) -> dict:
     slices = parameter_plan(analysis.facts, keep)
     lap("reconcile+slices")
     return {"shape": shape, "layers": kwargs["num_hidden_layers"], "hidden": kwargs["hidden_size"],
-            "seconds": round(time.perf_counter() - start, 1), **times,
+            "seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
+            **times,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "channels_m": round(analysis.facts.n_channels / 1e6, 1), "nodes": len(gm.graph.nodes),
             "groups": {k: report.count(k) for k in ("qk", "vo", "ffn")}, "skipped": len(report.skipped),
