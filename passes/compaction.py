@@ -75,7 +75,7 @@ def remap_slice(
     if p + 1 < mask.ndim:  # a position of an outer axis is a whole block: kept if anything in it is
         mask = mask.any(axis=tuple(range(p + 1, mask.ndim)))
     rows = mask.reshape(-1, mask.shape[p])
-    picked = np.unique(np.arange(*slice(*bounds).indices(rows.shape[1])))  # ascending, as a set would sort
+    picked = np.sort(np.arange(*slice(*bounds).indices(rows.shape[1])))  # ascending (distinct already)
     result = None
     for row in rows:
         if not row.any():
