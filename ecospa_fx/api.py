@@ -19,7 +19,7 @@ from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
 from passes.groups import CoupledUnits, build_groups, orphan_blockers
 from passes.importance import CRITERIA, ScoreInputs, score_groups
-from passes.importance.base import wanted_mask
+from passes.importance.base import relative_to_median, wanted_mask
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
 from passes.plan import PlanSettings, plan_groups, unit_costs
 from passes.rewrite import RewriteError, apply_plan, preflight
@@ -170,6 +170,8 @@ def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: Comp
     if config.sparsity > 0 and planned:
         score_inputs = score_inputs or ScoreInputs(None, facts, params, seed=config.seed)
         scores = score_groups(config.importance, planned, score_inputs)
+        if config.allocation == "global" and not CRITERIA[config.importance].comparable:
+            scores = relative_to_median(scores)  # activation energies' scale drifts with depth
         costs = unit_costs(planned, facts, params, config.budget)
         for group, unit_keep in zip(planned, plan_groups(planned, scores, facts, settings, costs), strict=True):
             for unit, kept in zip(group.units, unit_keep, strict=True):

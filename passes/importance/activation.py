@@ -224,4 +224,5 @@ CRITERION = Criterion(
     score,
     needs_calibration=True,
     doc="expected squared contribution at the contraction sinks (E[x_c^2]*||W[:,c]||^2, E[(q_c k_c)^2])",
+    comparable=False,  # residual-update energies grow with depth: global plans use relative_to_median
 )

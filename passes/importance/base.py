@@ -49,6 +49,17 @@ class Criterion:
     needs_calibration: bool = False
     needs_loss: bool = False
     doc: str = ""
+    comparable: bool = True  # scores of one kind comparable across layers (else normalise for global plans)
+
+
+def relative_to_median(scores: list[np.ndarray]) -> list[np.ndarray]:
+    """Each group's scores divided by the group's median unit score: ``s_u / median_v s_v``.
+
+    For criteria whose scale drifts between layers (activation energies grow with depth), this leaves only
+    each unit's importance relative to a typical unit of its own group, so global allocation compares
+    shapes, not layer scales. The median (not the sum) keeps a group with one massive-activation unit
+    from making every other unit of that group look negligible."""
+    return [s / max(float(np.median(s)), 1e-300) if len(s) else s for s in scores]
 
 
 def sum_per_unit(groups: list[CoupledUnits], per_channel: np.ndarray) -> list[np.ndarray]:

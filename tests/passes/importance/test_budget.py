@@ -116,3 +116,30 @@ def test_flop_cost_of_an_ffn_channel_is_its_two_matrix_products(block):
     (costs,) = unit_costs([groups["ffn"]], inputs.facts, inputs.params, "flops")
     b, n, _ = batches[0][0].shape
     assert costs.tolist() == [2.0 * 2 * b * n * E] * len(costs)  # one up row + one down column per token
+
+
+def test_relative_to_median_ignores_layer_scale():
+    """Raw activation energies grow with depth: a layer 1e6x louder is barely touched and the quiet one is
+    cut to the cap. Relative to each group's median, the plan does not depend on the layers' scales."""
+    from passes.importance import CRITERIA
+    from passes.importance.base import relative_to_median
+
+    facts = CouplingFacts()
+    early, late = ffn_group(facts, 64, "early"), ffn_group(facts, 64, "late")
+    rng = np.random.default_rng(2)
+    base = [rng.lognormal(0, 1, 64), rng.lognormal(0, 2, 64)]
+    settings = PlanSettings(0.5, round_to=8, allocation="global", max_sparsity=0.9)
+    costs = unit_costs([early, late], facts, {}, "channels")
+
+    def plan(scores):
+        return plan_groups([early, late], scores, facts, settings, costs)
+
+    raw_early, raw_late = plan([base[0], base[1] * 1e6])
+    assert (~raw_early).sum() == 56 and (~raw_late).sum() == 8  # the quiet layer is cut to the 90% cap
+    reference = plan(relative_to_median(base))
+    for scale in ((1e6, 1.0), (1.0, 1e6)):
+        got = plan(relative_to_median([b * c for b, c in zip(base, scale, strict=True)]))
+        for a, b in zip(reference, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert 0 < (~reference[1]).sum() < 64 and 0 < (~reference[0]).sum() < 64
+    assert not CRITERIA["activation"].comparable and CRITERIA["fisher"].comparable
