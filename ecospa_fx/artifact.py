@@ -57,6 +57,7 @@ def save(compressed: torch.nn.Module, path: str | Path, *, hf: bool = True) -> P
         "granularity": report.granularity,
         "sparsity": report.sparsity,
         "removed": [[name, dim, list(idx)] for (name, dim), idx in sorted(report.removed.items())],
+        "compensated": list(getattr(compressed, "ecospa_compensated", ())),
         "inputs": source["inputs"],
         "hf_class": source.get("hf_class"),
         "hf_config": source.get("hf_config"),
@@ -131,6 +132,7 @@ def load(
     analysis = analyse(gm)
     keep = _keep_mask(analysis.facts, plan["removed"], plan["granularity"])
     apply_plan(gm, analysis, keep)
+    _restore_output_biases(gm, plan.get("compensated", []))
     state = load_file(str(root / WEIGHTS))
     missing, unexpected = gm.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -138,6 +140,24 @@ def load(
             f"artifact does not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return gm
+
+
+def _restore_output_biases(gm: torch.fx.GraphModule, nodes: list[str]) -> None:
+    """Recreate the bias parameters that ``compress(compensate=True)`` folded into these linears (zeros
+    here; ``load_state_dict`` then fills in the saved values)."""
+    from passes.importance.compensate import add_output_biases
+
+    graph_nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [name for name in nodes if name not in graph_nodes]
+    if missing:
+        raise InputError(f"artifact compensated linears {missing[:3]} that this capture of the model lacks")
+    zeros = {}
+    for name in nodes:
+        weight = gm.get_parameter(graph_nodes[name].args[1].target)
+        zeros[name] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    if zeros:
+        add_output_biases(gm, zeros)
+    gm.ecospa_compensated = tuple(nodes)
 
 
 def source_info(model: torch.nn.Module, inputs: tuple) -> dict[str, Any]:

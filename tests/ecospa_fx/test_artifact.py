@@ -42,6 +42,24 @@ def test_round_trip_plain_module_needs_fresh_instance(tmp_path):
     assert torch.equal(reloaded(x), compressed(x))
 
 
+def test_round_trip_with_bias_compensation(tmp_path):
+    """compensate=True adds output biases (new parameters on bias-free Llama linears): load recreates
+    them, so the reloaded model equals the compressed one exactly."""
+    case = case_by_name("hf_llama_gqa")
+    model, inputs = case.build(), case.inputs()
+    compressed = ecospa_fx.compress(
+        model, inputs, 0.5, round_to=1, importance="activation", calibration=[inputs], compensate=True
+    )
+    assert compressed.ecospa_compensated
+    ecospa_fx.save(compressed, tmp_path / "comp", hf=False)
+    reloaded = ecospa_fx.load(tmp_path / "comp")
+    with torch.no_grad():
+        a, b = compressed(*inputs), reloaded(*inputs)
+    la = [x for x in torch.utils._pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    lb = [x for x in torch.utils._pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    assert all(torch.equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
 def test_load_rejects_non_artifacts(tmp_path):
     with pytest.raises(InputError, match="not an ecospa_fx artifact"):
         ecospa_fx.load(tmp_path)
