@@ -6,7 +6,8 @@ Every model: fp32, eval mode, ``use_cache=False``, seeded init, 2 layers and
 Counting conventions for ``expect`` (see ``tests/zoo/case.py``):
 
 * ``qk``: ONE group per attention module (per-KV-group channel sets are families inside it);
-  the original per-head convention below is kept for reference only: no rotary -> one group per (layer, KV head): MHA ``L*H``, GQA/MQA
+  the original per-head convention below is kept for reference only: no rotary -> one group per
+  (layer, KV head): MHA ``L*H``, GQA/MQA
   ``L*KV``.  Rotary with a cos/sin table shared by all heads of a layer ->
   one group per layer (``L``), whatever H/KV are.
 * ``vo``: one per attention module.
