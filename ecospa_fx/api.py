@@ -70,6 +70,7 @@ def compress(
     if config.verify:
         _verify(with_output_biases(gm, deltas) if deltas else gm, compressed, inputs, report, config.atol, config.rtol)
     compressed.ecospa_compensated = tuple(deltas)
+    report.compensated = _compensated_weights(gm, deltas)
     compressed.ecospa_report = report
     compressed.report = report
     compressed.ecospa_source = source_info(model, inputs)
@@ -122,6 +123,12 @@ def _resolved(config: CompressConfig, calibration) -> CompressConfig:
     if config.importance != "auto":
         return config
     return dataclasses.replace(config, importance="activation" if calibration else "magnitude")
+
+
+def _compensated_weights(gm: fx.GraphModule, deltas: dict) -> tuple[str, ...]:
+    """The weight names of the linears whose bias took a compensation delta (``deltas`` is keyed by node)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return tuple(str(nodes[name].args[1].target) for name in deltas)
 
 
 def _compensate(compressed: fx.GraphModule, score_inputs: ScoreInputs, groups, keep: np.ndarray) -> dict:

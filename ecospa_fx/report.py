@@ -63,6 +63,7 @@ class Report:
     params_before: int = 0
     params_after: int = 0
     max_abs_diff: float | None = None
+    compensated: tuple[str, ...] = ()  # weights whose output bias absorbed removed channels' means
 
     def __iter__(self):
         return iter(self.groups)
@@ -109,6 +110,9 @@ class Report:
             lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
         if self.max_abs_diff is not None:
             lines.append(f"verified against the masked dense model: max abs diff {self.max_abs_diff:.2e}")
+        if self.compensated:
+            shown = ", ".join(self.compensated[:4]) + (" ..." if len(self.compensated) > 4 else "")
+            lines.append(f"bias compensation at {len(self.compensated)} linears: {shown}")
         if self.skipped:
             lines.append(f"left dense ({len(self.skipped)} groups):")
             for s in self.skipped:
@@ -128,6 +132,7 @@ class Report:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "max_abs_diff": self.max_abs_diff,
+            "compensated": list(self.compensated),
             "counts": {k: self.count(k) for k in ("qk", "vo", "ffn", "head")},
             "groups": [
                 {

@@ -91,6 +91,10 @@ def test_compensation_passes_the_oracle_and_adds_output_biases(name, granularity
     assert len(out.ecospa_compensated) >= 2  # W_o and W_down of at least one layer
     for node in out.ecospa_compensated:
         assert out.get_parameter(f"_ecospa_bias_{node}").ndim == 1
+    report = out.ecospa_report
+    assert len(report.compensated) == len(out.ecospa_compensated)
+    params = {m.param for g in report.groups for m in g.members}
+    assert set(report.compensated) <= params and "bias compensation" in report.summary()
     with torch.no_grad():
         assert (_first(out(*inputs)) - _first(plain(*inputs))).abs().max() > 1e-6
 
