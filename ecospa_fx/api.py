@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
 from passes.groups import CoupledUnits, build_groups, orphan_blockers
 from passes.importance import CRITERIA, ScoreInputs, score_groups
-from passes.importance.base import relative_to_median, wanted_mask
+from passes.importance.base import ReportingBatches, relative_to_median, wanted_mask
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
 from passes.plan import PlanSettings, plan_groups, unit_costs
 from passes.rewrite import RewriteError, apply_plan, preflight
@@ -35,6 +36,7 @@ def compress(
     dynamic_shapes: Any = None,
     calibration: Any = None,
     loss_fn: Any = None,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Remove coupled channels from ``model``; return a smaller module computing the pruned function.
@@ -45,12 +47,15 @@ def compress(
     max_sparsity, across_kinds, seed, verify, atol, rtol).
 
     calibration: batches of positional inputs shaped like ``example_inputs`` (needed by
-        importance="activation" and "fisher"); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher").
+        importance="activation" and "fisher"); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher");
+    progress: ``progress(done, total)`` called as calibration batches are processed (for a progress bar).
     """
     config = _resolved(config or CompressConfig(sparsity=sparsity, **options), calibration)
     if config.granularity == "auto":
         return _auto_granularity(model, example_inputs, config, dynamic_shapes, calibration, loss_fn)
     batches = _calibration(model, config, calibration, loss_fn)
+    if batches is not None and progress is not None:
+        batches = ReportingBatches(batches, progress)
     inputs = _checked(model, example_inputs)
     gm = _capture(model, inputs, dynamic_shapes)
     analysis = analyse(gm)

@@ -131,7 +131,8 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
     example, calibration, loss_fn = _compress_inputs(args, config, tokenizer)
     what = f"compressing at sparsity {args.sparsity:g} ({args.importance} scores"
     what += f" on {len(calibration)} calibration batches)" if calibration else ")"
-    with ui.stage(what + ": capture, score, rewrite, verify"):
+    meter = ui.bar(what + ": calibration batches") if calibration else ui.stage(what + ": capture, score, rewrite")
+    with meter as update:
         compressed = ecospa_fx.compress(
             model,
             example,
@@ -142,6 +143,7 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
             round_to=args.round_to,
             calibration=calibration,
             loss_fn=loss_fn,
+            progress=update if calibration else None,
         )
     with ui.stage(f"writing {args.out}"):
         out, figures, hf = _write_artifact(compressed, args, tokenizer)

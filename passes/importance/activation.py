@@ -191,9 +191,9 @@ def channel_energy(inputs: ScoreInputs, groups: list[CoupledUnits]) -> np.ndarra
     acc = np.zeros(facts.n_channels, dtype=np.float64)
     plans = plan_sinks(facts, wanted_mask(facts, groups))
     collector = _Collector(inputs.gm, plans, acc)
-    batches = list(inputs.calibration or [])
+    batches = inputs.calibration or []
     with torch.no_grad():
-        for batch in batches:
+        for batch in batches:  # iterated once, in order (ReportingBatches reports progress)
             collector.run_until(*batch)
     return acc / max(1, len(batches))
 

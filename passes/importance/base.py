@@ -21,6 +21,27 @@ from passes.meet import grid_over
 LossFn = Callable[[Any, tuple], torch.Tensor]
 
 
+class ReportingBatches(Sequence):
+    """Calibration batches that call ``progress(done, total)`` as a loop moves past each one (every pass
+    over the data counts from 1 again: scoring, then compensation means)."""
+
+    def __init__(self, batches: Sequence[tuple], progress: Callable[[int, int], None]):
+        self.batches, self.progress = list(batches), progress
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index]
+
+    def __iter__(self):
+        total = len(self.batches)
+        self.progress(0, total)
+        for done, batch in enumerate(self.batches, 1):
+            yield batch
+            self.progress(done, total)
+
+
 @dataclass
 class ScoreInputs:
     """The captured graph, its analysis facts and parameters, and optional calibration data.

@@ -118,3 +118,14 @@ def test_compensation_needs_calibration(llama):
     model, inputs, _ = llama
     with pytest.raises(InputError, match="compensate"):
         ecospa_fx.compress(model, inputs, 0.5, compensate=True)
+
+
+def test_progress_reports_every_calibration_batch():
+    """compress(progress=) is told (done, total) as each calibration batch is processed, ending at total."""
+    case = case_by_name("hf_llama_gqa")
+    model, inputs = case.build(), case.inputs()
+    calls = []
+    ecospa_fx.compress(model, inputs, 0.5, importance="activation", calibration=[inputs] * 3,
+                       progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 3) and calls[-1] == (3, 3)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
