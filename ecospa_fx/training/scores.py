@@ -20,26 +20,11 @@ import numpy as np
 import torch
 
 from passes.coupling_state import CouplingFacts
-from passes.groups import CoupledUnits
-from passes.importance.base import sink_weight_spaces, sum_per_unit
+from passes.importance.base import sum_per_unit
+from passes.importance.fisher import weight_sides  # noqa: F401  (re-exported: the pruner's sides)
 from passes.score import coupled_magnitude
 
 Sides = list[tuple[list[int], int]]
-
-
-def weight_sides(groups: list[CoupledUnits], facts: CouplingFacts, params: dict[str, torch.Tensor]) -> Sides:
-    """Per group: the spaces read, and the number of matrices their sum is averaged over."""
-    sinks = sink_weight_spaces(facts)
-    out = []
-    for group in groups:
-        real = [s for s in group.spaces if not facts.spaces[s].is_virtual]
-        chosen = [s for s in real if s in sinks]
-        if chosen:
-            out.append((chosen, 1))
-        else:
-            mats = [s for s in real if params[facts.spaces[s].param].ndim >= 2]
-            out.append((real, max(1, len(mats))))
-    return out
 
 
 def channel_sum(facts: CouplingFacts, params: dict[str, torch.Tensor], spaces: list[int], fn: Callable) -> np.ndarray:

@@ -20,13 +20,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from passes.coupling_state import CouplingFacts
 from passes.groups import CoupledUnits
 from passes.importance.base import Criterion, ScoreInputs, sink_weight_spaces, sum_per_unit
 
 
-def _sides(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[tuple[list[int], int]]:
-    """Per group: the spaces whose ``grad * weight`` is read, and the number of matrices averaged."""
-    facts, params = inputs.facts, inputs.params
+def weight_sides(
+    groups: list[CoupledUnits], facts: CouplingFacts, params: dict[str, torch.Tensor]
+) -> list[tuple[list[int], int]]:
+    """Per group: the spaces whose ``grad * weight`` is read (the sink side where the group has one,
+    else every member matrix), and the number of matrices their sum is averaged over."""
     sinks = sink_weight_spaces(facts)
     out = []
     for group in groups:
@@ -56,7 +59,7 @@ def channel_gw(inputs: ScoreInputs, spaces: set[int]) -> np.ndarray:
 
 def score(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[np.ndarray]:
     facts, params, gm = inputs.facts, inputs.params, inputs.gm
-    sides = _sides(groups, inputs)
+    sides = weight_sides(groups, inputs.facts, inputs.params)
     used = {s for spaces, _ in sides for s in spaces}
     names = {facts.spaces[s].param for s in used}
     masks = []
