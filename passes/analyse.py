@@ -125,6 +125,7 @@ class Ctx:
         operands = [gqa_expand(op, sizes) for op in operands]
         operands = self._add_gather_sites(node, operands, sizes)
         self.last_operands = operands
+        self._check_removed_terms_vanish(node, operands, out_letters)
         for i, a in enumerate(operands):
             for b in operands[i + 1 :]:
                 tie_operands(self.facts, self.facts.spaces, a, b, sizes)
@@ -184,8 +185,6 @@ class Ctx:
             if sunk:
                 against_weight = any(fixed for o, fixed in zip(operands, frozen, strict=True) if o is not op)
                 self.facts.flag("param_sink" if against_weight else "score", self._ids(op, sunk))
-                if not against_weight:
-                    self._check_zero_ok(operands, contracted)
             if len(acts) >= 2 and contracted:  # p @ v: v's channels ride through (not rot(q) * sin)
                 free = [
                     k
@@ -204,15 +203,32 @@ class Ctx:
                 if free:
                     self.facts.flag("produced", self._ids(op, free))
 
-    def _check_zero_ok(self, operands: list[Operand], contracted: set[str]) -> None:
-        """q . k with removed channels equals q . k with them zeroed upstream only if at least one side
-        maps a zeroed channel to 0 on its way here (f(0) == 0); otherwise block, never guess."""
-        sides = [[lab for ch, lab in op.letter_labels().items() if ch in contracted] for op in operands]
-        sides = [labs for labs in sides if labs]
-        if len(sides) >= 2 and not any(all(lab.zero_ok for lab in labs) for labs in sides):
-            for op in operands:
-                self.block_labels(op.labels, "channel", "both sides of an activation contraction pass an op "
-                                  "with f(0) != 0 (removing a channel would not equal zeroing it)", self.node)
+    def _check_removed_terms_vanish(self, node: fx.Node, operands: list[Operand], out_letters: list[str]) -> None:
+        """Contracting (or summing) a channel letter drops the removed channels' terms. The masked dense
+        model keeps them, so the two agree only if every removed term is 0 there: some factor of the
+        product must be 0 at the removed positions, i.e. carry a *zero* label on that letter (a zeroed
+        weight slice, or dataflow from one through ops with f(0) == 0). Constants, buffers, gather sites
+        and values like ``v + t`` are not zeroed by the mask, so with no zero factor the channels are
+        blocked. Scope: a partial (head-block) letter only matters when whole heads go ("head"); a full
+        letter whose space survives in the output as whole blocks is exact when whole heads go
+        ("channel"); anything else ("all")."""
+        present = {ch for op in operands for ch in op.letters}
+        for ch in sorted(present - set(out_letters)):
+            carriers = [(op, op.letter_labels()[ch]) for op in operands if ch in op.letter_labels()]
+            if not carriers or any(self._is_zero(lab) for _, lab in carriers):
+                continue
+            for op, lab in carriers:
+                if self.facts.spaces[lab.space].is_virtual:
+                    continue
+                only = tuple(x if x is not None and x.space == lab.space else None for x in op.labels)
+                scope = "head" if not lab.full else ("channel" if _blocks_survive(op, ch, out_letters) else "all")
+                self.block_labels(only, scope, "a sum over channels whose removed entries are not zero in the "
+                                  "masked model (an offset, a constant/buffer operand or an op with f(0) != 0 "
+                                  "on every side): removing them would change it", node)
+
+    def _is_zero(self, lab: AxisLabel) -> bool:
+        """Removed positions of ``lab`` are exactly 0 in the masked dense model."""
+        return lab.zero_ok and not self.facts.spaces[lab.space].is_virtual
 
     def _is_constant(self, op: Operand) -> bool:
         """A buffer or literal tensor operand: contracting a channel against it is a (frozen) weight
@@ -290,6 +306,16 @@ def _is_block_axis(operands: list[Operand], letter: str) -> bool:
         extent = 1 + sum(int(np.ptp(o.arr)) for o in others)
         return bool(np.all(lab.arr % extent == 0))
     return False
+
+
+def _blocks_survive(op: Operand, letter: str, out_letters: list[str]) -> bool:
+    """The space on ``op``'s ``letter`` keeps another axis in the output that moves in whole multiples of the
+    contracted extent (head axis kept, head_dim contracted): removing whole blocks drops output positions."""
+    lab = op.letter_labels()[letter]
+    kept = [o for ch, o in op.letter_labels().items() if o.space == lab.space and ch in out_letters]
+    gone = [o for ch, o in op.letter_labels().items() if o.space == lab.space and ch not in out_letters]
+    extent = 1 + sum(int(np.ptp(o.arr)) for o in gone)
+    return bool(kept) and all(bool(np.all(o.arr % extent == 0)) for o in kept)
 
 
 def _survivor(op: Operand, lab: AxisLabel, out_letters: list[str]) -> AxisLabel:

@@ -158,7 +158,29 @@ def block_input(ctx: Ctx, node: fx.Node, reason: str, scope: str = "all") -> Non
 # ---------------------------------------------------------------------------------- unary and copies
 @rule(*ZERO_PRESERVING_UNARY)
 def _unary_zero_preserving(ctx: Ctx, node: fx.Node) -> Labels | None:
-    return ctx.lab(node.args[0])
+    labels = ctx.lab(node.args[0])
+    if labels is None or maps_zero_to_zero(node):
+        return labels
+    return tuple(_not_zero(lab) for lab in labels)  # e.g. clamp(x, min=0.5): f(0) = 0.5
+
+
+def maps_zero_to_zero(node: fx.Node) -> bool:
+    """Evaluate the op at 0: every tensor argument replaced by a zero of its dtype, scalars as given.
+    True only if every output element is exactly 0 (an op that fails to evaluate counts as False)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), _zero_like_meta)
+    try:
+        with torch.no_grad():
+            out = node.target(*args, **kwargs)
+    except Exception:  # an op we cannot evaluate is not known to keep zeros
+        return False
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return all(isinstance(o, torch.Tensor) and bool((o == 0).all()) for o in outs)
+
+
+def _zero_like_meta(arg: fx.Node) -> torch.Tensor:
+    val = arg.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    return torch.zeros((), dtype=dtype)
 
 
 @rule(*OTHER_UNARY)
@@ -214,6 +236,8 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
             if not any(op is s for s in sites):
                 ctx.facts.flag("residual", ctx.global_ids(op.labels))
     zero_ok = _zero_ok(mode, ctx.last_operands, was_unlabelled)
+    if mode == "add" and zero_ok:
+        zero_ok = maps_zero_to_zero(node)  # x + 1.0, 1 - x: a scalar offset is not zeroed by the mask
     return tuple(None if lab is None else replace(lab, zero_ok=zero_ok) for lab in labels)
 
 

@@ -80,7 +80,9 @@ class EcoSpaPruner:
     wrap: re-wraps the module after each prune (``distributed.ddp_wrapper()``, ``fsdp.fsdp_wrapper()`` for a
         module already ``fully_shard``-ed, optimizer built over its sharded parameters); ``model`` is the
         current wrapper (under FSDP2 ``module`` too is a new object after each prune).
-    verify: check every prune against the mask oracle on ``example_inputs`` (costs a model copy).
+    verify: check prunes against the mask oracle on ``example_inputs`` and two seeded probes of the same
+        shapes (costs a model copy and three float64 forwards per check): "first" (default) checks the first
+        prune, where the structure of every group is decided; True checks every prune; False none.
     """
 
     def __init__(
@@ -96,7 +98,7 @@ class EcoSpaPruner:
         round_to: int = 8,
         dynamic_shapes: Any = None,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-        verify: bool = False,
+        verify: bool | str = "first",
         atol: float = 1e-4,
     ) -> None:
         if not isinstance(schedule, PruneSchedule):
@@ -104,7 +106,12 @@ class EcoSpaPruner:
         self.optimizer = optimizer
         inner = check_optimizer(optimizer)
         self.importance = _resolve(importance, inner)
-        self.config = CompressConfig(schedule.final_sparsity, granularity, kinds, round_to, verify=verify, atol=atol)
+        if verify not in (True, False, "first"):
+            raise InputError(f"verify must be True, False or 'first', got {verify!r}")
+        self._verify_mode = verify
+        self.config = CompressConfig(
+            schedule.final_sparsity, granularity, kinds, round_to, verify=bool(verify), atol=atol
+        )
         try:
             self.example_inputs = check_inputs(model, example_inputs)
         except CaptureInputError as err:
@@ -231,7 +238,9 @@ class EcoSpaPruner:
             local = keep[space.offset : space.offset + space.size]
             if not space.is_virtual and not local.all():
                 index.setdefault(space.param, {})[space.dim] = torch.as_tensor(np.flatnonzero(local))
-        dense = copy.deepcopy(self.module) if self.config.verify else None
+        first = not any(e.params_after < e.params_before for e in self.history)
+        check = self._verify_mode is True or (self._verify_mode == "first" and first)
+        dense = copy.deepcopy(self.module) if check else None
         try:
             apply_plan(self.module, d.analysis, keep)
         except RewriteError as err:

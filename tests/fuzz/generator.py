@@ -27,7 +27,12 @@ equal q/k/v widths, ``enable_gqa`` needs SDPA, rotary needs an even head_dim). C
 * optional cross-attention to a second input or to a learned memory Parameter;
 * no mask, ``is_causal``, a boolean mask or an additive float mask;
 * token (int64) or float inputs; every submodule gets a random name (some are decoys like ``q_proj`` on
-  the wrong projection).
+  the wrong projection);
+* adversarial to zero-ness (issue 13): an offset added to v or to the FFN pre-activation (a per-token input
+  ``t`` of shape [B, S, 1] whose *example* value is 0, or a literal constant), a sum or mean over v's or
+  the FFN hidden channels (added to the stream or returned as an auxiliary output), an FFN down
+  projection held in a buffer, and a sigmoid FFN (f(0) != 0). A removed channel then is not 0 in the
+  masked model, and any sum over it must leave the group dense; the truth says which.
 """
 
 from __future__ import annotations
@@ -48,7 +53,11 @@ QKV = ("separate", "fused_slice", "fused_chunk", "fused_split", "fused_headwise"
 ATTENTION = ("sdpa", "sdpa_scale", "matmul", "einsum", "bmm")
 GQA = ("expand_reshape", "repeat_interleave", "enable_gqa")
 ROTARY = ("none", "rotate_half", "interleaved")
-FFN = ("gelu", "relu", "silu", "swiglu", "geglu", "fused_gate_up")
+FFN = ("gelu", "relu", "silu", "swiglu", "geglu", "fused_gate_up", "sigmoid")
+GLU = ("swiglu", "geglu", "fused_gate_up")  # act(gate) * up: zero where up's row is, whatever the gate
+OFFSETS = ("none", "input", "const")  # t [B, S, 1] (example 0) or a literal added before v / the activation
+OFFSET_AT = ("v", "ffn")
+REDUCE = ("none", "v_sum", "v_mean", "ffn_sum", "ffn_mean")  # a reduction over channels, extra to the model
 NORMS = ("layer", "rms")
 PROJ = ("linear", "flinear", "inout")
 CROSS = ("none", "input", "memory")
@@ -96,6 +105,11 @@ class Spec:
     mem_len: int = 3
     mem_dim: int = 16
     mask: str = "none"
+    offset: str = "none"
+    offset_at: str = "v"
+    reduce: str = "none"
+    aux_output: bool = False  # the reduction is returned as a second output instead of added to the stream
+    down_buffer: bool = False  # the FFN down projection is a buffer (x @ B), not a Parameter
     name_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,6 +139,9 @@ class Spec:
             ("proj", self.proj, PROJ),
             ("cross", self.cross, CROSS),
             ("mask", self.mask, MASKS),
+            ("offset", self.offset, OFFSETS),
+            ("offset_at", self.offset_at, OFFSET_AT),
+            ("reduce", self.reduce, REDUCE),
         ):
             if value not in options:
                 out.append(f"{name}={value!r} not in {options}")
@@ -133,6 +150,30 @@ class Spec:
     @property
     def rot_dim(self) -> int:
         return self.rotary_dim or self.head_dim
+
+    @property
+    def v_zero(self) -> bool:
+        """Removed v channels are 0 in the masked model (no offset added to v)."""
+        return not (self.offset != "none" and self.offset_at == "v")
+
+    @property
+    def ffn_zero(self) -> bool:
+        """Removed FFN hidden channels are 0 after the activation in the masked model."""
+        if self.ffn in GLU:
+            return True
+        return self.ffn != "sigmoid" and not (self.offset != "none" and self.offset_at == "ffn")
+
+    @property
+    def vo_blocked(self) -> bool:
+        """The self-attention vo (and head) group must stay dense: a sum over v's non-zero removed entries,
+        or a mean (its divisor is the width)."""
+        return self.reduce == "v_mean" or (self.reduce == "v_sum" and not self.v_zero)
+
+    @property
+    def ffn_blocked(self) -> bool:
+        return self.reduce == "ffn_mean" or (
+            not self.ffn_zero and (self.reduce == "ffn_sum" or self.down_buffer)
+        )
 
     def summary(self) -> str:
         """One line for humans (hypothesis events, logs)."""
@@ -145,8 +186,18 @@ class Spec:
             f"{' qk_norm' if self.qk_norm else ''} ffn={self.ffn}[{self.ffn_dim}] {self.proj} "
             f"{'pre' if self.pre_norm else 'post'}-{self.norm}{' parallel' if self.parallel else ''} "
             f"cross={self.cross} mask={self.mask} {'ids' if self.token_input else 'float'} "
-            f"B{self.batch} S{self.seq}"
+            f"B{self.batch} S{self.seq}{self._zero_summary()}"
         )
+
+    def _zero_summary(self) -> str:
+        parts = []
+        if self.offset != "none":
+            parts.append(f"offset={self.offset}@{self.offset_at}")
+        if self.reduce != "none":
+            parts.append(f"reduce={self.reduce}{'(aux)' if self.aux_output else ''}")
+        if self.down_buffer:
+            parts.append("down=buffer")
+        return (" " + " ".join(parts)) if parts else ""
 
     def code(self) -> str:
         """Python that rebuilds the model: ``build(<this>)``."""
@@ -172,10 +223,10 @@ class Protected:
 class Truth:
     """What the generator built, in the terms of the report."""
 
-    attention_modules: int  # self + cross attention modules
+    attention_modules: int  # self + cross attention modules whose vo group is prunable
     qk_prunable: int  # attention modules whose head-dim qk channels may be pruned exactly
     qk_skipped: int  # attention modules whose qk group must be skipped (norm over head_dim)
-    ffn_modules: int
+    ffn_modules: int  # FFNs whose group is prunable
     head_groups: int  # at head granularity: one per attention module with more than one KV head
     protected: list[Protected] = field(default_factory=list)
 
@@ -447,6 +498,12 @@ class Attention(_Roles):
                 q, k, v = y.split([qw, kw, kw], dim=-1)
             else:  # GPT-NeoX: per head [q | k | v]
                 q, k, v = y.view(b, n, nh, 3 * hd).chunk(3, dim=-1)
+                if s.reduce.startswith("v_"):  # reduce over every v channel of the token
+                    v = v.reshape(b, n, nh * hd)
+        if not self._cross and s.offset_at == "v":
+            v = add_offset(v, s.offset, self._t)
+        if not self._cross and s.reduce in ("v_sum", "v_mean"):
+            self._aux = channel_reduction(v, s.reduce)
         m = k.shape[1]
         # [B, S, H, D]
         q = q.reshape(b, n, nh, hd)
@@ -479,7 +536,14 @@ class Attention(_Roles):
             return keep
         return torch.zeros(n, m, device=device).masked_fill(~keep, -1e9)
 
-    def forward(self, x, mem=None, rope=None):
+    def forward(self, x, mem=None, rope=None, t=None):
+        """(output, auxiliary reduction or None)."""
+        self._t, self._aux = t, None
+        y = self._attend(x, mem, rope)
+        aux, self._t, self._aux = self._aux, None, None
+        return y, aux
+
+    def _attend(self, x, mem, rope):
         s = self._spec
         b, n = x.shape[0], x.shape[1]
         hd, nh = s.head_dim, s.heads
@@ -553,27 +617,57 @@ class FeedForward(_Roles):
         super().__init__(names)
         self._kind = spec.ffn
         d, f, b = spec.hidden, spec.ffn_dim, spec.ffn_bias
-        if self._kind in ("gelu", "relu", "silu"):
+        if self._kind in ("gelu", "relu", "silu", "sigmoid"):
             self.put("up", make_proj(spec, names, d, f, b))
         elif self._kind in ("swiglu", "geglu"):
             self.put("gate", make_proj(spec, names, d, f, b))
             self.put("up", make_proj(spec, names, d, f, b))
         else:
             self.put("gate_up", make_proj(spec, names, d, 2 * f, b))
-        self.put("down", make_proj(spec, names, f, d, b))
+        self._spec = spec
+        if spec.down_buffer:
+            self.register_buffer(names("down"), torch.randn(f, d) / math.sqrt(f))
+            self._down_name = next(iter(self._buffers))
+        else:
+            self.put("down", make_proj(spec, names, f, d, b))
 
-    def forward(self, x):
-        k = self._kind
-        if k in ("gelu", "relu", "silu"):
-            act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[k]
-            h = act(self.get("up")(x))
+    def forward(self, x, t=None):
+        """(output, auxiliary reduction or None)."""
+        k, s = self._kind, self._spec
+        off = (lambda z: add_offset(z, s.offset, t)) if s.offset_at == "ffn" else (lambda z: z)
+        if k in ("gelu", "relu", "silu", "sigmoid"):
+            act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "sigmoid": torch.sigmoid}[k]
+            h = act(off(self.get("up")(x)))
         elif k in ("swiglu", "geglu"):
             act = F.silu if k == "swiglu" else F.gelu
-            h = act(self.get("gate")(x)) * self.get("up")(x)
+            h = act(off(self.get("gate")(x))) * self.get("up")(x)
         else:
             gate, up = self.get("gate_up")(x).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        return self.get("down")(h)
+            h = F.silu(off(gate)) * up
+        aux = channel_reduction(h, s.reduce) if s.reduce in ("ffn_sum", "ffn_mean") else None
+        if s.down_buffer:
+            return h @ getattr(self, self._down_name), aux
+        return self.get("down")(h), aux
+
+
+def add_offset(z: torch.Tensor, offset: str, t: torch.Tensor | None) -> torch.Tensor:
+    """``z + t`` (a per-token input [B, S, 1]) or ``z + 0.25``: not zeroed by the mask oracle."""
+    if offset == "input":
+        return z + t
+    if offset == "const":
+        return z + 0.25
+    return z
+
+
+def channel_reduction(z: torch.Tensor, how: str) -> torch.Tensor:
+    """A sum or mean over the last (channel) axis, kept as [B, S, 1]."""
+    return z.sum(-1, keepdim=True) if how.endswith("_sum") else z.mean(-1, keepdim=True)
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 # ------------------------------------------------------------------------------------------ block
@@ -593,26 +687,45 @@ class Block(_Roles):
             self.put("xattn", Attention(spec, names, cross=True))
         self.put("ffn", FeedForward(spec, names))
 
-    def forward(self, x, mem=None, rope=None):
+    def forward(self, x, mem=None, rope=None, t=None):
+        """(hidden, auxiliary reductions or None); without ``aux_output`` they are added to the stream."""
         s = self._spec
-        attn, ffn, n1 = self.get("attn"), self.get("ffn"), self.get("n1")
+        aux: list[torch.Tensor | None] = [None]
+
+        def attn(z):
+            y, a = self.get("attn")(z, rope=rope, t=t)
+            return self._fold(y, a, aux)
+
+        def ffn(z):
+            y, a = self.get("ffn")(z, t=t)
+            return self._fold(y, a, aux)
+
+        n1 = self.get("n1")
         if s.parallel:
             if s.pre_norm:
                 h = n1(x)
-                x = x + attn(h, rope=rope) + ffn(h)
+                x = x + attn(h) + ffn(h)
             else:
-                x = n1(x + attn(x, rope=rope) + ffn(x))
+                x = n1(x + attn(x) + ffn(x))
         elif s.pre_norm:
-            x = x + attn(n1(x), rope=rope)
+            x = x + attn(n1(x))
         else:
-            x = n1(x + attn(x, rope=rope))
+            x = n1(x + attn(x))
         if s.cross != "none":
             nc, xattn = self.get("nc"), self.get("xattn")
-            x = x + xattn(nc(x), mem=mem) if s.pre_norm else nc(x + xattn(x, mem=mem))
+            x = x + xattn(nc(x), mem=mem)[0] if s.pre_norm else nc(x + xattn(x, mem=mem)[0])
         if not s.parallel:
             n2 = self.get("n2")
             x = x + ffn(n2(x)) if s.pre_norm else n2(x + ffn(x))
-        return x
+        return x, aux[0]
+
+    def _fold(self, y, a, aux):
+        if a is None:
+            return y
+        if self._spec.aux_output:
+            aux[0] = _plus(aux[0], a)
+            return y
+        return y + a
 
 
 class Net(_Roles):
@@ -632,8 +745,10 @@ class Net(_Roles):
         self.put("final", make_norm(spec, names, d))
         self.put("head", make_proj(spec, names, d, VOCAB, True))
 
-    def forward(self, x, mem=None):
+    def forward(self, x, *extra):
         s = self._spec
+        mem = extra[0] if s.cross == "input" else None
+        t = extra[-1] if s.offset == "input" else None
         if s.token_input:
             x = self.get("embed")(x)
         if s.cross == "memory":
@@ -641,9 +756,12 @@ class Net(_Roles):
         rope = None
         if s.rotary != "none" and s.rotary_shared:
             rope = rotary_tables(getattr(self, self._inv_freq_name), x.shape[1], s.rotary)
+        aux = None
         for blk in self.get("stack"):
-            x = blk(x, mem=mem, rope=rope)
-        return self.get("head")(self.get("final")(x))
+            x, a = blk(x, mem=mem, rope=rope, t=t)
+            aux = _plus(aux, a)
+        logits = self.get("head")(self.get("final")(x))
+        return (logits, aux) if aux is not None else logits
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -662,6 +780,8 @@ def build(spec: Spec) -> Built:
     inputs: tuple = (x,)
     if spec.cross == "input":
         inputs = (x, torch.randn(spec.batch, spec.mem_len, spec.mem_dim, generator=g))
+    if spec.offset == "input":
+        inputs = (*inputs, torch.zeros(spec.batch, spec.seq, 1))  # a lucky example: the offset is 0
     return Built(spec, model, inputs, _truth(spec, model))
 
 
@@ -674,12 +794,13 @@ def _truth(spec: Spec, model: nn.Module) -> Truth:
             for p, dim, idx, role in a.qk_channels():
                 protected.append(Protected(fqn[id(p)], dim, idx, f"{role} feeds an RMS norm over head_dim"))
     n_attn = len(attns)
+    vo = n_attn - (spec.layers if spec.vo_blocked else 0)  # the reduction sits in self-attention only
     return Truth(
-        attention_modules=n_attn,
+        attention_modules=vo,
         qk_prunable=0 if spec.qk_norm else n_attn,
         qk_skipped=n_attn if spec.qk_norm else 0,
-        ffn_modules=spec.layers,
-        head_groups=n_attn if spec.kv_heads > 1 else 0,
+        ffn_modules=0 if spec.ffn_blocked else spec.layers,
+        head_groups=vo if spec.kv_heads > 1 else 0,
         protected=protected,
     )
 
@@ -690,9 +811,16 @@ def _truth(spec: Spec, model: nn.Module) -> Truth:
 @st.composite
 def specs(draw) -> Spec:
     """Valid random ``Spec``s; each field is drawn so that it shrinks toward the simplest model."""
-    heads = draw(st.integers(1, 4))
+    heads = draw(st.sampled_from([1, 2, 4, 6, 8, 3]))
     divisors = [k for k in range(1, heads + 1) if heads % k == 0]
-    kv_heads = draw(st.sampled_from(sorted(divisors, reverse=True)))  # shrinks to MHA
+    grouped = [k for k in divisors if 1 < k < heads]  # real GQA: several KV heads, each shared
+    sharing = draw(st.sampled_from(["mha", "gqa", "gqa", "mqa"]))  # GQA about half the time it can be
+    if sharing == "gqa" and grouped:
+        kv_heads = draw(st.sampled_from(grouped))
+    elif sharing == "mqa":
+        kv_heads = 1
+    else:
+        kv_heads = heads
     head_dim = draw(st.sampled_from([8, 4, 6, 12, 16]))
     hidden = draw(st.sampled_from([16, 24, 32, 40, 48]))
     attention = draw(st.sampled_from(ATTENTION))
@@ -736,5 +864,21 @@ def specs(draw) -> Spec:
         mem_len=draw(st.integers(2, 6)) if cross != "none" else 3,
         mem_dim=draw(st.sampled_from([16, hidden, 12, 20])) if cross != "none" else 16,
         mask=draw(st.sampled_from(MASKS)),
+        **draw(zero_adversary()),
         name_seed=draw(st.integers(0, 2**16)),
     )
+
+
+@st.composite
+def zero_adversary(draw) -> dict:
+    """The issue-13 patterns, each on about a third of the examples (shrinking to none of them)."""
+    adversarial = draw(st.sampled_from([False, True, False]))
+    if not adversarial:
+        return {}
+    return {
+        "offset": draw(st.sampled_from(OFFSETS)),
+        "offset_at": draw(st.sampled_from(OFFSET_AT)),
+        "reduce": draw(st.sampled_from(REDUCE)),
+        "aux_output": draw(st.booleans()),
+        "down_buffer": draw(st.booleans()),
+    }
