@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from passes.analyse import Analysis, Ctx
 from passes.coupling_state import CouplingFacts
-from passes.op_rules import COPY_OR_SHAPE, RULES, schema_name
+from passes.op_rules import COPY_OR_SHAPE, RULES, is_pointwise, pointwise_rule, schema_name
 
 
 def analyse(gm: fx.GraphModule) -> Analysis:
@@ -38,7 +38,7 @@ def _visit(ctx: Ctx, node: fx.Node, params: dict[str, torch.Tensor]):
     touched += [a for a in node.all_input_nodes if isinstance(ctx.analysis.labels.get(a.name), list)]
     if not touched and name != "getitem":
         return None
-    rule = RULES.get(name)
+    rule = RULES.get(name) or (pointwise_rule if is_pointwise(node.target) else None)
     if rule is None:
         _fail_closed(ctx, node, name)
         return None

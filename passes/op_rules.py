@@ -22,24 +22,10 @@ from passes.view_algebra import NotSeparable, reshape_labels, reshape_segments
 Rule = Callable[[Ctx, fx.Node], object]
 RULES: dict[str, Rule] = {}
 
-# f(0) == 0: a zeroed channel stays zero, so removing it equals zeroing it upstream.
-ZERO_PRESERVING_UNARY = [
-    "aten::neg",
-    "aten::relu",
-    "aten::gelu",
-    "aten::silu",
-    "aten::tanh",
-    "aten::sin",
-    "aten::abs",
-    "aten::sqrt",
-    "aten::erf",
-    "aten::leaky_relu",
-    "aten::hardtanh",
-    "aten::elu",
-    "aten::mish",
-    "aten::sign",
-    "aten::relu6",
-    "aten::hardswish",
+# Elementwise ops need no list: any OpOverload tagged ``torch.Tag.pointwise`` in PyTorch's registry is
+# channelwise (``pointwise_rule``), and whether it keeps a zeroed channel at 0 is decided by evaluating it
+# at 0 with its scalar arguments (``maps_zero_to_zero``). Only what the registry does not tag is listed.
+COPIES = [  # value-preserving copies and casts (f(0) == 0 by construction)
     "aten::clone",
     "aten::contiguous",
     "aten::alias",
@@ -47,24 +33,14 @@ ZERO_PRESERVING_UNARY = [
     "aten::to",
     "aten::_to_copy",
     "aten::type_as",
-    "aten::dropout",
+    "aten::dropout",  # identity in eval; in train it scales kept entries and zeroes others
     "aten::lift_fresh_copy",
-    "aten::clamp",  # clamp(0) is 0 unless min>0
+    "aten::detach_",
 ]
-# Channelwise but f(0) != 0 (fine before a weight contraction, not before q . k).
-OTHER_UNARY = [
-    "aten::exp",
-    "aten::sigmoid",
-    "aten::cos",
-    "aten::rsqrt",
-    "aten::reciprocal",
-    "aten::log",
-    "aten::softplus",
-    "aten::hardsigmoid",
-    "aten::logical_not",
-    "aten::isnan",
-    "aten::bitwise_not",
-]
+UNTAGGED_POINTWISE = [  # elementwise in fact, but carrying no pointwise tag in torch 2.13
+    "aten::hardswish",
+    "aten::log_sigmoid",
+]  # (``aten::special_<op>`` aliases count as pointwise when ``aten::<op>`` is tagged)
 # Ops with a tensor input but nothing to label (assertions, symbolic sizes).
 IGNORED = [
     "aten::_assert_tensor_metadata",
@@ -111,7 +87,7 @@ SOFTMAXES = ["aten::softmax", "aten::_softmax", "aten::log_softmax", "aten::_log
 NORM_LAYERS = ["aten::layer_norm", "aten::rms_norm", "aten::native_layer_norm", "aten::group_norm"]
 # Ops whose output starts a fresh, unlabelled stream (embedding rows, conv channels): the hidden dim.
 HIDDEN_ORIGINS = ["aten::embedding", "aten::conv1d", "aten::conv2d", "aten::convolution"]
-COPY_OR_SHAPE = set(ZERO_PRESERVING_UNARY[12:] + RESHAPES) | {
+COPY_OR_SHAPE = set(COPIES + RESHAPES) | {
     "aten::t",
     "aten::numpy_T",
     "aten::transpose",
@@ -156,12 +132,43 @@ def block_input(ctx: Ctx, node: fx.Node, reason: str, scope: str = "all") -> Non
 
 
 # ---------------------------------------------------------------------------------- unary and copies
-@rule(*ZERO_PRESERVING_UNARY)
-def _unary_zero_preserving(ctx: Ctx, node: fx.Node) -> Labels | None:
-    labels = ctx.lab(node.args[0])
-    if labels is None or maps_zero_to_zero(node):
-        return labels
-    return tuple(_not_zero(lab) for lab in labels)  # e.g. clamp(x, min=0.5): f(0) = 0.5
+@rule(*COPIES)
+def _copy(ctx: Ctx, node: fx.Node) -> Labels | None:
+    return ctx.lab(node.args[0])
+
+
+def is_pointwise(target: object) -> bool:
+    """Tagged elementwise in PyTorch's op registry (or listed in ``UNTAGGED_POINTWISE``)."""
+    tags = getattr(target, "tags", ())
+    name = schema_name(target)
+    if torch.Tag.pointwise in tags or name in UNTAGGED_POINTWISE:
+        return True
+    if name.startswith("aten::special_"):
+        base = getattr(torch.ops.aten, name[len("aten::special_") :], None)
+        overload = getattr(base, getattr(target, "_overloadname", "default"), None) if base is not None else None
+        return overload is not None and torch.Tag.pointwise in overload.tags
+    return False
+
+
+def pointwise_rule(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """Any elementwise op: its tensor operands meet position by position (``_elementwise``). The output
+    is 0 at a removed channel if every operand is (a zeroed weight slice or zero-preserving dataflow, no
+    bare tensor) and the op maps 0 to 0 with its scalar arguments: gelu, x**2, clamp(x, -c, c) do;
+    exp, sigmoid, x + 1, clamp(x, min=0.5), 2**x do not. Ops with several outputs fail closed."""
+    if isinstance(node.meta.get("val"), (tuple, list)):
+        block_input(ctx, node, f"elementwise op {schema_name(node.target)} with several outputs")
+        return None
+    target = node.args[0] if node.args else None
+    if schema_name(node.target).endswith("_") and isinstance(target, fx.Node) and len(target.users) > 1:
+        block_input(ctx, node, "in-place op on a tensor that has other readers")
+        return None
+    tensors = list(_tensor_args(node))
+    if len(tensors) == 1:
+        labels = ctx.lab(tensors[0][1])
+        if labels is None or maps_zero_to_zero(node):
+            return labels
+        return tuple(_not_zero(lab) for lab in labels)
+    return _elementwise(ctx, node, "pointwise")
 
 
 def maps_zero_to_zero(node: fx.Node) -> bool:
@@ -181,23 +188,6 @@ def _zero_like_meta(arg: fx.Node) -> torch.Tensor:
     val = arg.meta.get("val")
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
     return torch.zeros((), dtype=dtype)
-
-
-@rule(*OTHER_UNARY)
-def _unary_other(ctx: Ctx, node: fx.Node) -> Labels | None:
-    labels = ctx.lab(node.args[0])
-    return None if labels is None else tuple(_not_zero(lab) for lab in labels)
-
-
-@rule("aten::pow")
-def _pow(ctx: Ctx, node: fx.Node) -> Labels | None:
-    if isinstance(node.args[0], fx.Node) and isinstance(node.args[1], fx.Node):
-        return _elementwise(ctx, node, "other")
-    exponent = node.args[1]
-    labels = ctx.lab(node.args[0])
-    if labels is None or (isinstance(exponent, (int, float)) and exponent > 0):
-        return labels
-    return tuple(_not_zero(lab) for lab in labels)
 
 
 @rule(*IGNORED)
@@ -236,7 +226,7 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
             if not any(op is s for s in sites):
                 ctx.facts.flag("residual", ctx.global_ids(op.labels))
     zero_ok = _zero_ok(mode, ctx.last_operands, was_unlabelled)
-    if mode == "add" and zero_ok:
+    if mode in ("add", "pointwise") and zero_ok:
         zero_ok = maps_zero_to_zero(node)  # x + 1.0, 1 - x: a scalar offset is not zeroed by the mask
     return tuple(None if lab is None else replace(lab, zero_ok=zero_ok) for lab in labels)
 
@@ -249,7 +239,7 @@ def _zero_ok(mode: str, operands: list[Operand], bare: list[bool]) -> bool:
     labelled = [ok for op, ok in zip(operands, oks, strict=True) if any(op.labels)]
     if mode == "mul":
         return any(labelled) if len(operands) > 1 else all(labelled)
-    if mode == "add":
+    if mode in ("add", "pointwise"):
         return all(oks)
     return False
 
