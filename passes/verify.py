@@ -82,7 +82,7 @@ def _probe(x, gen: torch.Generator):
 
 
 @torch.no_grad()
-def oracle_diff(model, compressed, example_inputs: tuple, removed, probes: int = PROBES) -> tuple[float, float]:
+def oracle_diff(model, compressed, example_inputs: tuple, removed, probes: int | None = None) -> tuple[float, float]:
     """(max |compressed(x) - masked_dense(x)|, max |masked_dense(x)|) over the example inputs and ``probes``
     seeded probes of the same shapes (probes whose dense output is not finite are skipped).
 
@@ -90,7 +90,7 @@ def oracle_diff(model, compressed, example_inputs: tuple, removed, probes: int =
     without them) does not hide or fake a mismatch: an exact rewrite gives ~0.
     """
     reference = masked_copy(model, removed).eval()
-    batches = [example_inputs, *probe_inputs(example_inputs, probes)]
+    batches = [example_inputs, *probe_inputs(example_inputs, PROBES if probes is None else probes)]
     try:
         return _compare(_as_float64(reference), _as_float64(compressed), [_float64(b) for b in batches])
     except RuntimeError:  # a graph that insists on float32 somewhere: compare in the model's dtype
