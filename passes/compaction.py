@@ -85,8 +85,8 @@ def remap_slice(
         if result is not None and new != result:
             raise CompactionError("a slice selects different kept positions in different rows")
         result = new
-    if result is None:
-        raise CompactionError("a slice over a fully removed axis")
+    if result is None:  # every position of the axis went (e.g. all rotary pairs of a partial rotary)
+        return (0, 0, 1)
     return result
 
 

@@ -1,10 +1,10 @@
 """Plan which units each group keeps under a sparsity target.
 
-Channel granularity: a group's units are split into *families* by the head blocks they touch (one family
-per KV group under GQA; one family for an FFN). Every head block of a reshaped space must keep the same
-number of channels, so each family fills its blocks to the same target ``T`` with its best-scored units;
-units may be wider than one channel per block (a rotary pair takes two), so the fill is exact-fit greedy,
-and ``T`` steps down until every family fits. Spaces without head structure count units directly.
+Channel granularity: every head block of a reshaped space must keep the same number of channels, so the
+group's units fill its blocks to one target ``T`` with the best-scored units first (a unit holds channels
+in one or more blocks: a channel of one KV group's heads, or a rotary pair shared by every head); units may
+be wider than one channel per block (a rotary pair takes two), so the fill is exact-fit greedy, and ``T``
+steps down until every block fits. Spaces without head structure count units directly.
 
 Head granularity: units are whole heads (a KV head with its query heads); keep the best-scored ones.
 
@@ -83,11 +83,11 @@ def _unit_widths(group: CoupledUnits, facts: CouplingFacts) -> list[dict[int, in
 
 
 def _plan_blocks(group, scores, facts, settings) -> np.ndarray:
+    """Every head block keeps the same channel count ``t``: one greedy fill over all units at once, since
+    families may share blocks (partial rotary: a rotary pair spans every head, a pass-through channel one
+    head; filling each family to ``t`` on its own kept ``2 t`` per block, i.e. everything)."""
     widths = _unit_widths(group, facts)
-    families: dict[tuple[int, ...], list[int]] = {}
-    for i, w in enumerate(widths):
-        families.setdefault(tuple(sorted(w)), []).append(i)
-    block_total = {}
+    block_total: dict[int, int] = {}
     for w in widths:
         for code, c in w.items():
             block_total[code] = block_total.get(code, 0) + c
@@ -96,19 +96,18 @@ def _plan_blocks(group, scores, facts, settings) -> np.ndarray:
     # step down from the target; if nothing that small fits (a rotary pair is 2 wide), step up
     for t in [*range(target, 0, -1), *range(target + 1, n_block + 1)]:
         keep = np.zeros(len(group.units), dtype=bool)
-        if all(_fill(members, widths, scores, t, keep) for members in families.values()):
+        if _fill(list(range(len(group.units))), widths, scores, t, keep):
             return keep
     raise ValueError("no uniform per-head channel count fits this group")
 
 
 def _fill(members: list[int], widths, scores, target: int, keep: np.ndarray) -> bool:
-    """Greedy exact fill: best units first, skipping any that would overflow a block past ``target``."""
-    blocks = set().union(*(widths[i] for i in members))
-    if not blocks:
-        keep[members] = True
-        return True
-    filled = dict.fromkeys(blocks, 0)
-    for i in sorted(members, key=lambda i: -scores[i]):
+    """Greedy exact fill: best units first, skipping any that would overflow a block past ``target``;
+    units outside every head block are kept. True when every block holds exactly ``target``."""
+    free = [i for i in members if not widths[i]]
+    keep[free] = True
+    filled = dict.fromkeys(set().union(*(widths[i] for i in members)), 0)
+    for i in sorted((i for i in members if widths[i]), key=lambda i: -scores[i]):
         w = widths[i]
         if all(filled[b] + c <= target for b, c in w.items()):
             keep[i] = True

@@ -142,10 +142,11 @@ def test_remap_slice_that_picks_different_positions_per_head_raises():
         remap_slice(HEAD_LABELS, 1, (0, 2, 1), keep, SPACES)
 
 
-def test_remap_slice_over_fully_removed_space_raises():
+def test_remap_slice_over_fully_removed_space_is_empty():
+    """Every channel of the axis removed (all rotary pairs of a partial rotary): the slice becomes empty
+    instead of refusing the plan (zero-size tensors flow through the elementwise rotary math)."""
     keep = keep_per_head(set(), set())
-    with pytest.raises(CompactionError, match="fully removed"):
-        remap_slice(HEAD_LABELS, 1, (0, D // 2, 1), keep, SPACES)
+    assert remap_slice(HEAD_LABELS, 1, (0, D // 2, 1), keep, SPACES) == (0, 0, 1)
 
 
 def test_remap_slice_on_head_axis_counts_surviving_heads():

@@ -188,3 +188,26 @@ def test_plan_on_discovered_gqa_group_gives_one_channel_set_per_kv_head():
     k_heads = kept_positions(facts, group, unit_keep, k, 8)
     assert [len(p) for p in q_heads + k_heads] == [4] * 6
     assert q_heads == [k_heads[0], k_heads[0], k_heads[1], k_heads[1]]
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_partial_rotary_half_head_dim_prunes_qk(round_to):
+    """Issue 12: with rotary on half of head_dim (GPT-NeoX / Phi), a rotary pair spans every head while a
+    pass-through channel spans one; planning each of those families to the per-head target on its own kept
+    everything (0 units removed at sparsity 0.5). One joint fill removes half, exactly."""
+    import warnings
+
+    import ecospa_fx
+    from tests.zoo import hf
+
+    case = next(c for c in hf._all() if c.name == "hf_gpt_neox")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = ecospa_fx.compress(case.build(), case.inputs(), 0.5, round_to=round_to)
+    report = compressed.ecospa_report
+    qk = [g for g in report.groups if g.kind == "qk"]
+    assert len(qk) == 2 and all(g.units_removed for g in qk), report.summary()
+    for g in qk:
+        q_rows = next(m for m in g.members if m.dim == 0 and m.param.endswith("weight"))
+        assert len(q_rows.removed) > 0
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-6
