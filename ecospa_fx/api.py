@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +15,9 @@ import torch.fx as fx
 from ecospa_fx.artifact import source_info
 from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
+from ecospa_fx.input_checks import calibration_list, check_batches, require_parameters
 from ecospa_fx.report import Group, Member, Report, Skipped
-from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs
+from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs, train_mode_modules
 from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
 from passes.groups import CoupledUnits, build_groups, orphan_blockers
@@ -23,7 +25,7 @@ from passes.importance import CRITERIA, ScoreInputs, score_groups
 from passes.importance.base import ReportingBatches, relative_to_median, wanted_mask
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
 from passes.plan import PlanSettings, plan_groups, unit_costs
-from passes.rewrite import RewriteError, apply_plan, preflight
+from passes.rewrite import SYMBOLIC_REASON, RewriteError, apply_plan, preflight
 from passes.verify import oracle_diff
 
 
@@ -47,17 +49,26 @@ def compress(
     max_sparsity, across_kinds, seed, verify, atol, rtol).
 
     calibration: batches of positional inputs shaped like ``example_inputs`` (needed by
-        importance="activation" and "fisher"); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher");
+        importance="activation" and "fisher"; same dtypes, same sizes except on dynamic axes; an empty list
+        is an error: pass None for data-free scoring); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher");
     progress: ``progress(done, total)`` called as calibration batches are processed (for a progress bar).
+
+    ``model`` is captured in eval mode (a warning says so when dropout or batch norm submodules are in training
+    mode) and every submodule keeps its own ``training`` flag; the result computes the eval-mode function and
+    says so (``training=False``). A ``UserWarning`` says when nothing was prunable, and why.
     """
+    calibration = calibration_list(calibration)
     config = _resolved(config or CompressConfig(sparsity=sparsity, **options), calibration)
     if config.granularity == "auto":
         return _auto_granularity(model, example_inputs, config, dynamic_shapes, calibration, loss_fn)
-    batches = _calibration(model, config, calibration, loss_fn)
-    if batches is not None and progress is not None:
-        batches = ReportingBatches(batches, progress)
     inputs = _checked(model, example_inputs)
+    require_parameters(model)
+    batches = _calibration(model, config, calibration, loss_fn)
     gm = _capture(model, inputs, dynamic_shapes)
+    if batches is not None:
+        check_batches(gm, inputs, batches)
+        if progress is not None:
+            batches = ReportingBatches(batches, progress)
     analysis = analyse(gm)
     groups = build_groups(analysis.facts, config.granularity)
     params = dict(gm.named_parameters(remove_duplicate=False))
@@ -79,6 +90,7 @@ def compress(
     compressed.ecospa_report = report
     compressed.report = report
     compressed.ecospa_source = source_info(model, inputs)
+    _warn_if_nothing(model, report)
     return compressed
 
 
@@ -90,7 +102,7 @@ def discover(
     if granularity == "auto":
         raise InputError("discover() needs granularity 'channel' or 'head' ('auto' is a compress option)")
     inputs = _checked(model, example_inputs, allow_meta=True)
-    gm = _capture(model, inputs, dynamic_shapes)
+    gm = _capture(model, inputs, dynamic_shapes, warn_modes=False)
     analysis = analyse(gm)
     groups = build_groups(analysis.facts, granularity)
     config = CompressConfig(sparsity=0.0, granularity=granularity, verify=False)
@@ -99,18 +111,44 @@ def discover(
     return report
 
 
-def _checked(model, example_inputs, allow_meta: bool = False) -> tuple:
+def _checked(model, example_inputs, allow_meta: bool = False, what: str = "example_inputs") -> tuple:
     try:
-        return check_inputs(model, example_inputs, allow_meta)
+        return check_inputs(model, example_inputs, allow_meta, what)
     except CaptureInputError as err:
         raise InputError(str(err)) from None
 
 
-def _capture(model, inputs, dynamic_shapes) -> fx.GraphModule:
+def _capture(model, inputs, dynamic_shapes, *, warn_modes: bool = True) -> fx.GraphModule:
+    """Capture in eval mode (every submodule's own mode restored after); with ``warn_modes``, warn once
+    when dropout / batch norm submodules were in training mode (the graph computes their eval behaviour)."""
+    changed = train_mode_modules(model) if warn_modes else []
     try:
-        return capture(model, inputs, dynamic_shapes)
+        gm = capture(model, inputs, dynamic_shapes)
     except CaptureFailed as err:
         raise CaptureError(str(err)) from err.__cause__
+    except CaptureInputError as err:
+        raise InputError(str(err)) from None
+    if changed:
+        shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+        warnings.warn(
+            f"{type(model).__name__} has dropout/batch norm submodules in training mode: {shown}; "
+            "ecospa_fx captures in eval mode, so the returned graph computes their eval-mode behaviour (no "
+            "dropout, running statistics). Call model.eval() first to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return gm
+
+
+def _warn_if_nothing(model: torch.nn.Module, report: Report) -> None:
+    """Nothing prunable: say so (with the report's reasons) instead of returning the same model silently."""
+    if report.groups:
+        return
+    warnings.warn(
+        f"ecospa_fx.compress: nothing to compress in {type(model).__name__}; {report.nothing_reason()}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _auto_granularity(model, example_inputs, config: CompressConfig, dynamic_shapes, calibration, loss_fn):
@@ -159,7 +197,7 @@ def _calibration(model, config: CompressConfig, calibration, loss_fn) -> list[tu
         raise InputError(f"importance={config.importance!r} needs loss_fn(outputs, batch) -> scalar tensor")
     if calibration is None:
         return None
-    return [_checked(model, batch) for batch in calibration]
+    return [_checked(model, batch, what=f"calibration[{b}]") for b, batch in enumerate(calibration)]
 
 
 def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: CompressConfig, score_inputs=None):
@@ -210,7 +248,9 @@ def _reconcile(groups: list[CoupledUnits], analysis, keep: np.ndarray, report: R
             if not owned or not removed.any():
                 continue
             keep[group.channels] = True
-            reason = f"kept channels do not fit a reshape shared with other groups: {bad[min(owned)]}"
+            detail = bad[min(owned)]
+            reason = detail if detail.startswith(SYMBOLIC_REASON) else (
+                f"kept channels do not fit a reshape shared with other groups: {detail}")
             names = _param_names(group, facts)
             report.groups = [g for g in report.groups if set(g.params) != set(names) or g.kind != group.kind]
             report.skipped.append(Skipped(group.kind, names, (reason,)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from ecospa_fx.errors import InputError
@@ -85,5 +87,15 @@ class CompressConfig:
             raise InputError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not 0.0 < float(self.max_sparsity) <= 1.0:
             raise InputError(f"max_sparsity must be in (0, 1], got {self.max_sparsity!r}")
-        if self.atol <= 0 or self.rtol < 0:
-            raise InputError(f"atol must be positive and rtol non-negative, got {self.atol}, {self.rtol}")
+        _check_tolerance("atol", self.atol, positive=True)
+        _check_tolerance("rtol", self.rtol, positive=False)
+
+
+def _check_tolerance(name: str, value: object, positive: bool) -> None:
+    """atol must be a finite number > 0, rtol a finite number >= 0 (NaN would make every check fail)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    if not ok:
+        want = "a finite number > 0" if positive else "a finite number >= 0"
+        raise InputError(f"{name} must be {want} (verification passes when |diff| <= atol + rtol * max|output|), "
+                         f"got {value!r}")

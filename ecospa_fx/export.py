@@ -54,6 +54,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from ecospa_fx.errors import EcospaError
+from passes.capture import preserved_modes
 
 DEFAULT_OPSET = 24  # ONNX Attention (one node per SDPA), runs in onnxruntime >= 1.23
 FALLBACK_OPSET = 18  # torchlib's native opset: SDPA decomposed; used when the opset-24 translation fails
@@ -162,8 +163,15 @@ def export_onnx(
         raise ExportError(f"expected a torch.nn.Module (e.g. what compress returns), got {type(compressed).__name__}")
     inputs = _as_tuple(example_inputs)
     path = check_writable(path)
-    with contextlib.suppress(NotImplementedError):  # torch.export's unlifted modules refuse eval() (<= 2.11)
-        compressed.eval()
+    with preserved_modes(compressed):  # exported in eval mode; every submodule's own mode restored after
+        for module in compressed.modules():  # attributes: unlifted torch.export modules refuse eval()
+            module.training = False
+        return _export_checked(compressed, inputs, path, opset, dynamic, check, atol, parity_inputs)
+
+
+def _export_checked(compressed: torch.nn.Module, inputs: tuple, path: Path, opset: int | None, dynamic: bool,
+                    check: bool, atol: float, parity_inputs: Sequence[Any]) -> ExportResult:
+    """``export_onnx`` once the module is in eval mode: capture, translate, write, check."""
     with torch.no_grad():
         reference = compressed(*inputs)
     output_names = _output_names(reference)

@@ -100,11 +100,15 @@ class Report:
         return table
 
     def summary(self) -> str:
-        buf = io.StringIO()
-        console = Console(file=buf, width=140, force_terminal=False, color_system=None)
-        console.print(self.table())
-        kinds = {k: self.count(k) for k in ("qk", "vo", "ffn", "head") if self.count(k)}
-        lines = [buf.getvalue().rstrip(), f"groups: {kinds}"]
+        if self.groups:
+            buf = io.StringIO()
+            console = Console(file=buf, width=140, force_terminal=False, color_system=None)
+            console.print(self.table())
+            kinds = {k: self.count(k) for k in ("qk", "vo", "ffn", "head") if self.count(k)}
+            lines = [buf.getvalue().rstrip(), f"groups: {kinds}"]
+        else:
+            lines = [f"ecospa_fx: {self.granularity} granularity, sparsity {self.sparsity:g}",
+                     f"nothing to compress: {self.nothing_reason()}"]
         if self.params_before:
             ratio = self.params_after / self.params_before
             lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
@@ -113,12 +117,26 @@ class Report:
         if self.compensated:
             shown = ", ".join(self.compensated[:4]) + (" ..." if len(self.compensated) > 4 else "")
             lines.append(f"bias compensation at {len(self.compensated)} linears: {shown}")
-        if self.skipped:
+        if self.skipped and self.groups:
             lines.append(f"left dense ({len(self.skipped)} groups):")
-            for s in self.skipped:
-                shown = ", ".join(s.params[:3]) + (" ..." if len(s.params) > 3 else "")
-                lines.append(f"  - {s.kind} [{shown}]: {'; '.join(s.reasons[:2])}")
+            lines += self._skipped_lines()
         return "\n".join(lines)
+
+    def nothing_reason(self) -> str:
+        """Why no group was planned, in words: the skipped groups and their reasons, or that no coupled
+        channels were found at all."""
+        if not self.skipped:
+            return ("no coupled channels were found (ecospa_fx prunes channels shared by linear layers: "
+                    "attention q/k and v/o, feed-forward pairs; other layers such as convolutions are left as "
+                    "they are)")
+        return "\n".join([f"every coupled group was left dense ({len(self.skipped)}):", *self._skipped_lines()])
+
+    def _skipped_lines(self) -> list[str]:
+        out = []
+        for s in self.skipped:
+            shown = ", ".join(s.params[:3]) + (" ..." if len(s.params) > 3 else "")
+            out.append(f"  - {s.kind} [{shown}]: {'; '.join(s.reasons[:2])}")
+        return out
 
     def __str__(self) -> str:
         return self.summary()

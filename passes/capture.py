@@ -6,11 +6,13 @@ qualified name as a ``get_attr`` target, which is the placeholder <-> parameter 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 
 class CaptureInputError(ValueError):
@@ -21,8 +23,9 @@ class CaptureFailed(RuntimeError):
     """torch.export raised; the message carries its error and advice."""
 
 
-def check_inputs(model: Any, example_inputs: Any, allow_meta: bool = False) -> tuple:
-    """Validate the model and example inputs; return the inputs as a tuple."""
+def check_inputs(model: Any, example_inputs: Any, allow_meta: bool = False, what: str = "example_inputs") -> tuple:
+    """Validate the model and example inputs; return the inputs as a tuple. ``what`` names the inputs in
+    messages (``calibration[3]`` for a calibration batch)."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, Mapping):
@@ -34,13 +37,14 @@ def check_inputs(model: Any, example_inputs: Any, allow_meta: bool = False) -> t
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise CaptureInputError(
-            f"example_inputs must be a non-empty tuple of tensors, got {type(example_inputs).__name__}"
+            f"{what} must be a non-empty tuple of tensors, got {type(example_inputs).__name__}"
         )
     for i, x in enumerate(example_inputs):
         if isinstance(x, Mapping):
-            raise CaptureInputError(f"example_inputs[{i}] is a dict: pass tensors positionally")
+            raise CaptureInputError(f"{what}[{i}] is a dict: pass tensors positionally")
         if isinstance(x, torch.Tensor) and x.is_meta and not allow_meta:
-            raise CaptureInputError(f"example_inputs[{i}] is on the meta device: pass real tensors")
+            raise CaptureInputError(f"{what}[{i}] is on the meta device: pass real tensors")
+        _check_finite(x, f"{what}[{i}]")
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta and not allow_meta:
         raise CaptureInputError(
@@ -50,10 +54,72 @@ def check_inputs(model: Any, example_inputs: Any, allow_meta: bool = False) -> t
     return tuple(example_inputs)
 
 
+def _check_finite(x: Any, where: str) -> None:
+    """Refuse NaN/inf in floating (and complex) tensors, nested ones included (meta tensors have no values)."""
+    for leaf in pytree.tree_leaves(x):
+        if not isinstance(leaf, torch.Tensor) or leaf.is_meta:
+            continue
+        if (leaf.is_floating_point() or leaf.is_complex()) and not bool(torch.isfinite(leaf).all()):
+            nan = bool(torch.isnan(leaf).any())
+            raise CaptureInputError(
+                f"{where} contains {'NaN' if nan else 'infinite'} values: pass finite inputs "
+                "(shapes and dtypes matter; random finite values such as torch.randn(...) are fine)"
+            )
+
+
+@contextlib.contextmanager
+def preserved_modes(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag exactly as it was on exit (errors included).
+
+    ``model.train(flag)`` would set one flag on every submodule, losing a frozen BatchNorm in a training
+    model or a dropout left on for MC-dropout; the flags are written back one by one instead (as attributes:
+    unlifted ``torch.export`` modules refuse ``train()``/``eval()``)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, flag in modes:
+            module.training = flag
+
+
+_MODE_DEPENDENT = (
+    torch.nn.modules.dropout._DropoutNd,
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def train_mode_modules(model: torch.nn.Module) -> list[str]:
+    """``name (Type)`` of the submodules in training mode whose output depends on the mode (dropout with p > 0,
+    batch norm, instance norm tracking running statistics): the ones an eval-mode capture changes."""
+    out = []
+    for name, m in model.named_modules():
+        if not m.training or not isinstance(m, _MODE_DEPENDENT):
+            continue
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and not m.p:
+            continue
+        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats:
+            continue
+        out.append(f"{name or '(root)'} ({type(m).__name__})")
+    return out
+
+
 def capture(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
-    """Export ``model`` and return the unlifted graph module (parameters as ``get_attr``)."""
-    was_training = model.training
-    model.eval()
+    """Export ``model`` in eval mode and return the unlifted graph module (parameters as ``get_attr``),
+    marked ``training=False`` (it computes the eval-mode function). Every submodule of ``model`` keeps its
+    own ``training`` flag."""
+    with preserved_modes(model):
+        model.eval()
+        gm = _export(model, example_inputs, dynamic_shapes)
+    for module in gm.modules():
+        module.training = False
+    mismatch = dtype_mismatch(gm)
+    if mismatch:
+        raise CaptureInputError(mismatch)
+    return gm
+
+
+def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any) -> fx.GraphModule:
     try:
         program = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as err:  # surface the exporter's error with advice
@@ -63,10 +129,59 @@ def capture(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any =
             "advice: make forward traceable (no data-dependent Python control flow on tensor values, no "
             "unsupported outputs); Hugging Face models need use_cache=False"
         ) from err
-    finally:
-        model.train(was_training)
     try:
         return program.module()
     except Exception as err:  # e.g. a submodule named like a Python keyword
         raise CaptureFailed(f"torch.export traced {type(model).__name__} but could not rebuild it as a module: "
                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+
+
+_SAME_DTYPE_OPS = {
+    "aten::linear", "aten::mm", "aten::bmm", "aten::matmul", "aten::addmm", "aten::baddbmm", "aten::addbmm",
+    "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution", "aten::conv_transpose1d",
+    "aten::conv_transpose2d", "aten::conv_transpose3d",
+}  # ops that fail at run time on mixed dtypes (norms may mix on purpose, masks and indices differ in dtype)
+
+
+def dtype_mismatch(gm: fx.GraphModule) -> str | None:
+    """Where an example input of one dtype meets weights of another in an op that needs one dtype (int64
+    token ids fed to a model that starts with a Linear): the message for the user, else None. The
+    exporter traces such a graph without complaint; it only fails when run."""
+    inputs = {n.name: k for k, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _schema(node.target) not in _SAME_DTYPE_OPS:
+            continue
+        vals = [(a, a.meta.get("val")) for a in node.args if isinstance(a, fx.Node)]
+        dtypes = {v.dtype for _, v in vals if isinstance(v, torch.Tensor)}
+        if len(dtypes) < 2:
+            continue
+        fed = [n for n in _input_ancestors(node) if n.name in inputs]
+        which = ", ".join(f"input {inputs[n.name]} is {n.meta['val'].dtype}" for n in fed
+                          if isinstance(n.meta.get("val"), torch.Tensor)) or "the inputs"
+        return (
+            f"dtype mismatch: {_schema(node.target)} (node {node.name}) gets tensors of dtypes "
+            f"{sorted(str(d) for d in dtypes)}; {which}. Pass example inputs of the dtype the model expects "
+            "(e.g. x.float() for a model whose first op is a Linear; integer token ids only for models that "
+            "start with an embedding)"
+        )
+    return None
+
+
+def _schema(target: Any) -> str:
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else ""
+
+
+def _input_ancestors(node: fx.Node) -> list[fx.Node]:
+    """The placeholders ``node`` depends on, in graph order."""
+    seen, stack, found = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.append(n)
+        stack.extend(n.all_input_nodes)
+    order = {n: k for k, n in enumerate(node.graph.nodes)}
+    return sorted(found, key=order.__getitem__)

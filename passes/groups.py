@@ -80,6 +80,8 @@ def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
         for a, b in pairs:
             tied[a] = tied[b] = True
     chans = np.flatnonzero(tied | flags["produced"])
+    if not len(chans):  # no channel is tied or produced (no linears, or none the analysis recognises)
+        return []
     chans = chans[np.argsort(comp[chans], kind="stable")]
     _, starts = np.unique(comp[chans], return_index=True)
     ends = np.append(starts[1:], len(chans))

@@ -29,6 +29,9 @@ class RewriteError(Exception):
     """The plan cannot be applied exactly to this graph."""
 
 
+SYMBOLIC_REASON = "dynamic shapes:"  # how ``preflight`` reasons about symbolic sizes begin
+
+
 def apply_plan(gm: fx.GraphModule, analysis: Analysis, keep: np.ndarray) -> fx.GraphModule:
     """Rewrite ``gm`` in place so that it computes the model with only ``keep`` channels."""
     facts = analysis.facts
@@ -65,7 +68,48 @@ def preflight(analysis: Analysis, keep: np.ndarray) -> dict[int, str]:
                             remap_slice(only, axis, (0, len(lab.arr), 1), keep, spaces)
                 except CompactionError as err:
                     bad.setdefault(space, f"{err} at node {node.name}")
+    for node in analysis.graph_module.graph.nodes:
+        for space, reason in _symbolic_conflicts(analysis, node, keep).items():
+            bad.setdefault(space, reason)
     return bad
+
+
+def _symbolic_conflicts(analysis: Analysis, node: fx.Node, keep: np.ndarray) -> dict[int, str]:
+    """Spaces whose kept channels would change an axis that a shape-taking op (view, reshape, expand,
+    unflatten) sizes with a symbolic expression, e.g. ``view(x, [seq, batch * heads, head_dim])`` under a
+    dynamic batch when heads are removed: the rewrite patches literal sizes only (space id -> reason)."""
+    if node.op != "call_function" or PATCHES.get(schema_name(node.target)) not in (_patch_view, _patch_unflatten):
+        return {}
+    labels = _labels(analysis, node)
+    try:
+        sizes = _sizes_after(analysis, node, keep)
+    except CompactionError:
+        return {}  # reported by the label pass of ``preflight``
+    if sizes is None:
+        return {}
+    out: dict[int, str] = {}
+    for axis in _symbolic_changed_axes(node, sizes):
+        lab = labels[axis]
+        if lab is not None:
+            out.setdefault(lab.space, (
+                f"{SYMBOLIC_REASON} axis {axis} of node {node.name} ({schema_name(node.target)}) is sized by "
+                f"a symbolic expression that would change from {_shape(node)[axis]} to {sizes[axis]}; the "
+                "rewrite patches literal sizes only (use static shapes, or granularity='channel')"
+            ))
+    return out
+
+
+def _symbolic_changed_axes(node: fx.Node, sizes: list[int]) -> list[int]:
+    """Output axes of a view/reshape/expand/unflatten node whose size changes and whose literal is symbolic."""
+    shape = _shape(node)
+    if schema_name(node.target) == "aten::unflatten":
+        d = norm_dim(node.args[1], len(_shape(node.args[0])))
+        pairs = [(d + k, lit) for k, lit in enumerate(node.args[2])]
+    else:
+        old = list(node.args[1])
+        lead = len(shape) - len(old)
+        pairs = [(lead + k, lit) for k, lit in enumerate(old)]
+    return [a for a, lit in pairs if not isinstance(lit, int) and sizes[a] != shape[a]]
 
 
 def _kept(space, keep: np.ndarray) -> np.ndarray:
@@ -210,10 +254,13 @@ def _patch_unflatten(analysis, node, keep) -> None:
     if labels is None:
         return
     sizes = _sizes_after(analysis, node, keep)
+    if _symbolic_changed_axes(node, sizes):
+        raise RewriteError(f"node {node.name}: a symbolic size on a channel axis")
     d = norm_dim(node.args[1], len(_shape(node.args[0])))
     n = len(node.args[2])
-    node.update_arg(
-        2, [s if lit != -1 else -1 for s, lit in zip(sizes[d : d + n], node.args[2], strict=True)]
+    node.update_arg(  # symbolic sizes (unchanged, checked above) are kept as they are
+        2, [lit if lit == -1 or not isinstance(lit, int) else s
+            for s, lit in zip(sizes[d : d + n], node.args[2], strict=True)]
     )
 
 

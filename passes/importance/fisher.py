@@ -71,6 +71,7 @@ def score(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[np.ndarray]:
         masks.append(mask)
     fisher = [np.zeros(len(g.units)) for g in groups]
     flags = {name: p.requires_grad for name, p in gm.named_parameters()}
+    grads = {name: p.grad for name, p in gm.named_parameters()}  # the user's: gm shares their Parameters
     try:
         for name, p in gm.named_parameters():
             p.requires_grad_(name in names)  # gradients only for the weights that are read
@@ -84,9 +85,9 @@ def score(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[np.ndarray]:
                 (per_unit,) = sum_per_unit([group], np.where(masks[k], gw, 0.0))
                 fisher[k] += (per_unit / n_mats) ** 2
     finally:
-        gm.zero_grad(set_to_none=True)
         for name, p in gm.named_parameters():
             p.requires_grad_(flags[name])
+            p.grad = grads[name]
     del params
     return fisher
 

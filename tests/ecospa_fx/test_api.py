@@ -131,3 +131,163 @@ def test_unknown_op_fails_closed():
     report = compressed.ecospa_report
     assert report.groups == []
     assert any("cumsum" in r for s in report.skipped for r in s.reasons)
+
+
+# ------------------------------------------------------------------ bad input, modes, nothing to compress
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def _modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def test_submodule_modes_survive_compress_and_discover():
+    """A frozen BatchNorm in a training model stays frozen; an MC-dropout stays on in an eval model."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8), nn.Dropout(0.1))
+    model.train()
+    model[1].eval()
+    mc = _mlp()
+    mc.append(nn.Dropout(0.1).train())
+    x = torch.randn(4, 8)
+    for m in (model, mc):
+        before = _modes(m)
+        ecospa_fx.compress(m, (x,), 0.5, round_to=1)
+        assert _modes(m) == before
+        ecospa_fx.discover(m, (x,))
+        assert _modes(m) == before
+
+
+def test_submodule_modes_survive_a_failed_capture():
+    model = Untraceable().train()
+    model.lin.eval()
+    with pytest.raises(CaptureError):
+        ecospa_fx.compress(model, (torch.randn(2, 4),))
+    assert _modes(model) == [True, False]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_example_inputs_are_input_errors(bad):
+    x = torch.randn(4, 8)
+    x[1, 2] = bad
+    with pytest.raises(InputError, match=r"example_inputs\[0\] contains (NaN|infinite) values"):
+        ecospa_fx.compress(_mlp(), (x,), 0.5)
+
+
+def test_non_finite_calibration_is_an_input_error():
+    x = torch.randn(4, 8)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"calibration\[1\]\[0\] contains NaN"):
+        ecospa_fx.compress(_mlp(), (x,), 0.5, importance="activation", calibration=[(x,), (bad,)])
+
+
+@pytest.mark.parametrize("name", ["atol", "rtol"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "1e-4", None])
+def test_tolerances_must_be_finite_and_non_negative(name, bad):
+    with pytest.raises(InputError, match=name):
+        CompressConfig(**{name: bad})
+    with pytest.raises(InputError, match=name):
+        ecospa_fx.compress(_mlp(), (torch.randn(4, 8),), 0.5, **{name: bad})
+
+
+def test_atol_zero_is_refused_rtol_zero_is_fine():
+    with pytest.raises(InputError, match="atol"):
+        CompressConfig(atol=0.0)
+    assert CompressConfig(rtol=0).rtol == 0
+
+
+def test_integer_input_to_a_float_model_names_the_dtype_mismatch():
+    x = torch.randint(0, 5, (4, 8))
+    with pytest.raises(InputError, match=r"dtype mismatch: aten::linear .*input 0 is torch\.int64"):
+        ecospa_fx.compress(_mlp(), (x,), 0.5)
+
+
+def test_model_without_parameters_is_an_input_error():
+    with pytest.raises(InputError, match="model has no parameters to compress"):
+        ecospa_fx.compress(nn.ReLU(), (torch.randn(2, 8),), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        ((torch.randn(4, 9),), r"calibration\[1\]\[0\] has shape \(4, 9\).*axis 1 is 9"),
+        ((torch.randn(4, 8), torch.randn(4, 8)), r"calibration\[1\] has 2 inputs but example_inputs has 1"),
+        ((torch.randn(4, 8, dtype=torch.float64),), r"calibration\[1\]\[0\] has dtype torch\.float64"),
+        ((torch.randn(4, 8, 1),), r"calibration\[1\]\[0\] has shape \(4, 8, 1\).*rank"),
+    ],
+)
+def test_calibration_batches_unlike_the_example_inputs(batch, match):
+    x = torch.randn(4, 8)
+    with pytest.raises(InputError, match=match):
+        ecospa_fx.compress(_mlp(), (x,), 0.5, importance="activation", calibration=[(x,), batch])
+
+
+def test_calibration_may_vary_on_dynamic_axes_only():
+    x = torch.randn(4, 8)
+    dyn = ({0: torch.export.Dim("batch", min=2, max=16)},)
+    out = ecospa_fx.compress(_mlp(), (x,), 0.5, importance="activation", dynamic_shapes=dyn,
+                             calibration=[(torch.randn(3, 8),), (torch.randn(6, 8),)], round_to=1)
+    assert out.get_parameter("0.weight").shape == (16, 8)
+    with pytest.raises(InputError, match=r"calibration\[0\]\[0\] .*axis 0 is 1, outside the dynamic range \[2, 16\]"):
+        ecospa_fx.compress(_mlp(), (x,), 0.5, importance="activation", dynamic_shapes=dyn,
+                           calibration=[(torch.randn(1, 8),)])
+
+
+def test_empty_calibration_is_an_input_error():
+    x = torch.randn(4, 8)
+    for importance in ("auto", "magnitude", "activation"):
+        with pytest.raises(InputError, match="calibration is empty; pass None for data-free scoring"):
+            ecospa_fx.compress(_mlp(), (x,), 0.5, importance=importance, calibration=[])
+
+
+def test_calibration_generator_is_read_once():
+    x = torch.randn(4, 8)
+    out = ecospa_fx.compress(_mlp(), (x,), 0.5, calibration=((torch.randn(4, 8),) for _ in range(2)))
+    assert out.ecospa_report.groups
+
+
+def test_head_granularity_with_dynamic_batch_leaves_mha_heads_dense():
+    """nn.MultiheadAttention views q as [seq, batch * heads, head_dim]: under a dynamic batch that size is
+    symbolic, so removing heads cannot be rewritten; the head group is left dense with the reason."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    dyn = ({0: torch.export.Dim("batch", min=2, max=16)},)
+    out = ecospa_fx.compress(layer, (x,), 0.5, granularity="head", dynamic_shapes=dyn, round_to=1)
+    report = out.ecospa_report
+    assert [g.kind for g in report.groups] == ["ffn"]
+    head = next(s for s in report.skipped if s.kind == "head")
+    assert "self_attn.in_proj_weight" in head.params
+    assert any("symbolic" in r and "dynamic shapes" in r for r in head.reasons)
+    y = torch.randn(3, 5, 32)  # another batch size runs
+    assert out(y).shape == (3, 5, 32)
+
+
+def test_conv_network_warns_that_nothing_was_compressed():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with pytest.warns(UserWarning, match="nothing to compress in Sequential; no coupled channels were found"):
+        out = ecospa_fx.compress(model, (torch.randn(1, 3, 8, 8),), 0.5)
+    assert out.ecospa_report.groups == []
+    assert "nothing to compress" in out.ecospa_report.summary()
+
+
+def test_nothing_prunable_warning_lists_the_skipped_groups():
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with pytest.warns(UserWarning, match=r"(?s)nothing to compress .*left dense.*\n  - .*1\.weight"):
+        out = ecospa_fx.compress(model, (torch.randn(4, 8),), 0.5)
+    text = out.ecospa_report.summary()
+    assert "nothing to compress: every coupled group was left dense" in text and "batch_norm" in text
+
+
+def test_training_mode_dropout_warns_and_the_result_is_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 8)).train()
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=r"dropout/batch norm submodules in training mode: 1 \(Dropout\)"):
+        out = ecospa_fx.compress(model, (x,), 0.5, round_to=1)
+    assert model.training and not out.training and not any(_modes(out))
+    eval_out = ecospa_fx.compress(model.eval(), (x,), 0.5, round_to=1)
+    assert not eval_out.training
+    assert torch.equal(out(x), eval_out(x))  # the same eval-mode function

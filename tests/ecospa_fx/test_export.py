@@ -128,3 +128,15 @@ def test_bad_inputs():
         export_onnx(lambda x: x, (torch.randn(2),), "x.onnx")
     with pytest.raises(ExportError, match="example_inputs"):
         export_onnx(nn.Linear(2, 2), (), "x.onnx")
+
+
+def test_export_leaves_every_submodule_mode_as_it_was(tmp_path):
+    """export_onnx exports in eval mode and gives back a train-mode model in train mode (a frozen
+    BatchNorm still frozen)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 4)).train()
+    model[1].eval()
+    before = [m.training for m in model.modules()]
+    result = export_onnx(model, (torch.randn(3, 4),), tmp_path / "m.onnx")
+    assert result.max_diff < 1e-4  # compared in eval mode: dropout off, running statistics
+    assert [m.training for m in model.modules()] == before

@@ -129,3 +129,22 @@ def test_progress_reports_every_calibration_batch():
                        progress=lambda done, total: calls.append((done, total)))
     assert calls[0] == (0, 3) and calls[-1] == (3, 3)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_fisher_leaves_the_user_grads_and_flags_as_they_were():
+    """The captured module shares the user's Parameters: Fisher scoring must not clear their .grad."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 8)
+    model(x).pow(2).sum().backward()
+    model[2].bias.grad = None  # a mix of grads and Nones
+    model[0].bias.requires_grad_(False)
+    grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    objects = {n: p.grad for n, p in model.named_parameters()}
+    ecospa_fx.compress(model, (x,), 0.5, importance="fisher", calibration=[(x,), (torch.randn(4, 8),)],
+                       loss_fn=lambda out, batch: out.pow(2).mean(), round_to=1)
+    for name, p in model.named_parameters():
+        assert p.grad is objects[name], name
+        if grads[name] is not None:
+            assert torch.equal(p.grad, grads[name]), name
+    assert [p.requires_grad for p in model.parameters()] == [True, False, True, True]

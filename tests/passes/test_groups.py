@@ -168,3 +168,12 @@ def test_channel_granularity_splits_the_same_attention_into_qk_and_vo():
     assert len(by_kind["qk"].units) == KV * HD  # one unit per (KV head, channel)
     q, k = space(facts, "q.weight", 0), space(facts, "k.weight", 0)
     assert by_kind["qk"].blocks == {q.id: HD, k.id: HD}
+
+
+def test_graph_without_coupled_channels_has_no_groups():
+    """Only convolutions (not modelled): no channel is tied or produced, so no group (was a zip() error)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    _, groups = discover(model, torch.randn(1, 3, 8, 8))
+    assert groups == []
+    _, groups = discover(nn.ReLU(), torch.randn(2, 4))
+    assert groups == []

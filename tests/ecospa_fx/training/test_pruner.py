@@ -102,3 +102,14 @@ def test_taylor_scores_with_sgd_momentum(granularity):
     q = pruner.module.get_parameter("model.layers.1.self_attn.q_proj.weight")
     assert q.shape == (16, 32)  # half the channels (or half the heads) of 32
     assert all(len(opt.state[p]["momentum_buffer"]) == len(p) for p in pruner.module.parameters())
+
+
+def test_capture_keeps_every_submodule_mode_of_the_source():
+    """The pruner captures in eval mode; the user's model keeps each submodule's own flag (a frozen
+    submodule inside a training model stays frozen)."""
+    model = tiny_llama().train()
+    model.model.layers[0].eval()
+    before = [m.training for m in model.modules()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    EcoSpaPruner(model, (batches(1)[0],), opt, SCHEDULE, verify=False)
+    assert [m.training for m in model.modules()] == before

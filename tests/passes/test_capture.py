@@ -1,0 +1,66 @@
+"""Capture (``passes.capture``): input checks, eval-mode capture that restores every submodule's own mode,
+and the dtype check the exporter does not do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs, train_mode_modules
+
+
+def test_capture_restores_each_submodule_mode_even_on_failure():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.b(self.a(x)) if x.sum() > 0 else x  # data-dependent: export fails
+
+    model = Branchy().train()
+    model.a.eval()
+    with pytest.raises(CaptureFailed):
+        capture(model, (torch.randn(2, 4),))
+    assert [m.training for m in model.modules()] == [True, False, True]
+
+
+def test_captured_module_is_marked_eval():
+    gm = capture(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train(), (torch.randn(2, 4),))
+    assert not any(m.training for m in gm.modules())
+
+
+def test_train_mode_modules_lists_only_mode_dependent_ones():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Dropout(0.1), nn.BatchNorm1d(4),
+                          nn.InstanceNorm1d(4), nn.LayerNorm(4)).train()
+    assert train_mode_modules(model) == ["2 (Dropout)", "3 (BatchNorm1d)"]
+    model[3].eval()
+    assert train_mode_modules(model) == ["2 (Dropout)"]
+    assert train_mode_modules(model.eval()) == []
+
+
+def test_non_finite_inputs_are_refused_by_name():
+    x = torch.ones(2, 4)
+    x[0, 0] = float("inf")
+    with pytest.raises(CaptureInputError, match=r"calibration\[2\]\[1\] contains infinite values"):
+        check_inputs(nn.Linear(4, 4), (torch.ones(2, 4), x), what="calibration[2]")
+    check_inputs(nn.Linear(4, 4), (torch.ones(2, 4, dtype=torch.long),))  # integer tensors have no NaN
+
+
+def test_dtype_mismatch_is_an_input_error_but_masks_and_ids_are_not():
+    with pytest.raises(CaptureInputError, match=r"dtype mismatch: aten::linear .*input 0 is torch\.int64"):
+        capture(nn.Linear(4, 4), (torch.ones(2, 4, dtype=torch.long),))
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.q = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+        def forward(self, ids, mask):
+            h = self.q(self.emb(ids)).unflatten(-1, (2, 4)).transpose(1, 2)
+            return F.scaled_dot_product_attention(h, h, h, attn_mask=mask)
+
+    ids, mask = torch.randint(0, 10, (2, 5)), torch.ones(5, 5, dtype=torch.bool).tril()
+    capture(Attn(), (ids, mask))  # int ids into an embedding, a bool mask into SDPA: fine
