@@ -225,22 +225,39 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
         for op in ctx.last_operands:
             if not any(op is s for s in sites):
                 ctx.facts.flag("residual", ctx.global_ids(op.labels))
-    zero_ok = _zero_ok(mode, ctx.last_operands, was_unlabelled)
+    full = [ch for ch, lab in zip(letters, labels, strict=True) if _real_full(ctx, lab)]
+    zeros = [_zero_at(ctx, op, full, b) for op, b in zip(ctx.last_operands, was_unlabelled, strict=True)]
+    zero_ok = _combine_zero(mode, ctx.last_operands, zeros)
     if mode in ("add", "pointwise") and zero_ok:
         zero_ok = maps_zero_to_zero(node)  # x + 1.0, 1 - x: a scalar offset is not zeroed by the mask
     return tuple(None if lab is None else replace(lab, zero_ok=zero_ok) for lab in labels)
 
 
-def _zero_ok(mode: str, operands: list[Operand], bare: list[bool]) -> bool:
-    oks = [
-        op.is_weight or (not b and all(lab is None or lab.zero_ok for lab in op.labels))
-        for op, b in zip(operands, bare, strict=True)
-    ]
-    labelled = [ok for op, ok in zip(operands, oks, strict=True) if any(op.labels)]
+def _real_full(ctx: Ctx, lab: AxisLabel | None) -> bool:
+    return lab is not None and lab.full and not ctx.facts.spaces[lab.space].is_virtual
+
+
+def _zero_at(ctx: Ctx, op: Operand, full: list[str], bare: bool) -> bool:
+    """``op`` is 0 at every removed channel of the output: on each output letter that carries channels it
+    has a full, real, zero label of its own. An operand broadcast along such a letter (size 1, a per-head
+    partial label like ``x.sum(-1)``, a scalar Parameter) has the same value at removed and kept channels:
+    ``x - x.sum(-1, keepdim=True)`` is not 0 where x was zeroed."""
+    if bare:
+        return False
+    if not full:
+        return all(lab is None or lab.zero_ok for lab in op.labels)
+    labs = op.letter_labels()
+    return all(ch in labs and _real_full(ctx, labs[ch]) and labs[ch].zero_ok for ch in full)
+
+
+def _combine_zero(mode: str, operands: list[Operand], zeros: list[bool]) -> bool:
+    """A product is 0 where any labelled factor is; a sum (or any other pointwise op, with f(0) == 0)
+    only where every operand is; comparisons and selections never count as 0."""
+    labelled = [z for op, z in zip(operands, zeros, strict=True) if any(op.labels)]
     if mode == "mul":
         return any(labelled) if len(operands) > 1 else all(labelled)
     if mode in ("add", "pointwise"):
-        return all(oks)
+        return all(zeros)
     return False
 
 
@@ -613,7 +630,13 @@ def _cat(ctx: Ctx, node: fx.Node) -> Labels | None:
     if not _same_off_axis(parts, d):
         block_input(ctx, node, "cat of tensors whose other axes carry different channels")
         return None
-    return tuple(out)
+    return _all_zero(out, parts)
+
+
+def _all_zero(out: list[AxisLabel | None], parts: list[Labels]) -> Labels:
+    """Joined pieces are 0 at removed channels only if every piece is (``cat([rot(q), q_pass])``)."""
+    zero = all(lab.zero_ok for p in parts for lab in p if lab is not None)
+    return tuple(lab if lab is None or lab.zero_ok == zero else replace(lab, zero_ok=zero) for lab in out)
 
 
 def _same_off_axis(parts: list[Labels], d: int) -> bool:
@@ -644,7 +667,7 @@ def _stack(ctx: Ctx, node: fx.Node) -> Labels | None:
     first = next(lab for lab in parts[0] if lab is not None)
     new = first.with_arr(np.asarray(shifts)) if any(shifts) else None
     out.insert(d, new)
-    return tuple(out)
+    return _all_zero(out, parts)
 
 
 def _constant_shift(base: Labels, other: Labels) -> int | None:

@@ -178,3 +178,49 @@ def test_probe_inputs_keep_shapes_dtypes_ranges_and_masks():
         assert p_x.shape == x.shape and p_x.dtype == x.dtype and float(p_x.abs().max()) > 0
     again = probe_inputs((ids, mask, flags, x, None), n=3, seed=7)
     assert all(torch.equal(a[3], b[3]) for a, b in zip(probes, again, strict=True))
+
+
+# ------------------------------------------------------------- operands broadcast along the channels
+class HeadView(nn.Module):
+    """``h = gelu(up(x))`` viewed as [B, S, 4, 8]; ``mix(h, self)`` builds a tensor that is then both fed
+    to the down projection and summed over its channels."""
+
+    def __init__(self, mix):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(D, FF), nn.Linear(FF, D)
+        self.alpha = nn.Parameter(torch.ones(1) * 0.7)
+        self.mix = mix
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = F.gelu(self.up(x)).view(b, n, 4, FF // 4)
+        u = self.mix(h, self)
+        return x + self.down(u.reshape(b, n, FF)) + u.sum((-2, -1)).unsqueeze(-1)
+
+
+BROADCAST_FAMILIES = {
+    "centred_by_head_sum": lambda h, m: h - h.sum(-1, keepdim=True),  # 0 - s != 0 at removed channels
+    "plus_scalar_parameter": lambda h, m: h + m.alpha,  # a size-1 Parameter is not zeroed by the mask
+    "cat_zero_and_offset_pieces": lambda h, m: torch.cat((h[..., :4], h[..., 4:] + 1.0), dim=-1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(BROADCAST_FAMILIES))
+def test_operand_broadcast_along_channels_is_not_zero(family):
+    model = HeadView(BROADCAST_FAMILIES[family]).eval()
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(2))
+    compressed = _compress(model, (x,), verify=False)
+    report = compressed.ecospa_report
+    removed = [(n, d, i) for (n, d), i in report.removed.items()]
+    with torch.no_grad():
+        assert max_abs_diff(compressed(x), masked_copy(model, removed)(x)) < 1e-4, report.summary()
+    assert report.count("ffn") == 0, report.summary()
+
+
+def test_product_with_head_sum_still_prunes():
+    """Control: ``h * h.sum(-1)`` is 0 where h is, so the sum over it stays exact and the group prunes."""
+    model = HeadView(lambda h, m: h * h.sum(-1, keepdim=True)).eval()
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(2))
+    report = _compress(model, (x,)).ecospa_report
+    assert report.count("ffn") == 1 and report.groups[0].units_removed > 0, report.summary()
