@@ -3,7 +3,7 @@
 from ecospa_fx.api import compress, discover
 from ecospa_fx.artifact import load, save
 from ecospa_fx.config import CompressConfig
-from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
+from ecospa_fx.errors import CaptureError, EcospaError, EcospaWarning, InputError, VerificationError
 from ecospa_fx.export import ExportError, ExportResult, ParityError, export_onnx, token_dynamic_shapes
 from ecospa_fx.report import Group, Member, Report, Skipped
 
@@ -11,6 +11,7 @@ __all__ = [
     "CaptureError",
     "CompressConfig",
     "EcospaError",
+    "EcospaWarning",
     "ExportError",
     "ExportResult",
     "Group",

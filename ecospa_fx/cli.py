@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ecospa_fx.cli_ui import Ui
-from ecospa_fx.errors import EcospaError, VerificationError
+from ecospa_fx.errors import EcospaError, EcospaWarning, VerificationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_VERIFY, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    success
-  {EXIT_FAILED}    bad input: a path, model, text file or setting that cannot be used (the message says what to do)
+  {EXIT_FAILED}    bad input: a path, model, text file or setting that cannot be used, a damaged artifact
+       included (the message says what to do)
   {EXIT_USAGE}    bad command line (unknown option, invalid choice such as an unknown --importance)
   {EXIT_PARITY}    export: onnxruntime differs from PyTorch by more than --atol
   {EXIT_VERIFY}    the compressed model differs from the masked dense model (a bug: please report it)
@@ -214,19 +215,34 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ui = Ui(quiet=args.quiet, json_mode=args.json)
-    if not args.debug:  # library deprecation chatter is not for the user of a command
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        from ecospa_fx import commands
+    with warnings.catch_warnings():  # filters and the warning printer are the command's only
+        if not args.debug:  # library deprecation chatter is not for the user of a command
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        try:
+            from ecospa_fx import commands
 
-        return getattr(commands, f"run_{args.command}")(args, ui)
-    except KeyboardInterrupt:
-        return _fail(args, "interrupted", EXIT_INTERRUPTED)
-    except Exception as err:
-        if args.debug:
-            raise
-        return _fail(args, *_describe(err))
+            return getattr(commands, f"run_{args.command}")(args, ui)
+        except KeyboardInterrupt:
+            return _fail(args, "interrupted", EXIT_INTERRUPTED)
+        except Exception as err:
+            if args.debug:
+                raise
+            return _fail(args, *_describe(err))
+
+
+def _one_line_warnings(command: str, fallback):
+    """``warnings.showwarning`` that prints ecospa_fx's own warnings as one line on stderr (like errors)
+    and leaves other libraries' warnings to ``fallback``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, EcospaWarning):
+            print(f"ecospa-fx {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _describe(err: Exception) -> tuple[str, int]:

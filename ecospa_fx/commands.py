@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from rich.table import Table
 
 from ecospa_fx.cli_ui import Ui
-from ecospa_fx.errors import InputError
+from ecospa_fx.errors import EcospaWarning, InputError
 from ecospa_fx.loading import load_source, load_tokenizer, offline
 
 HF_HINT = " (--granularity head or --kinds ffn often give one: see README, Command line)"
@@ -88,10 +89,13 @@ def run_inspect(args: argparse.Namespace, ui: Ui) -> int:
 
 def _inspect_artifact(args: argparse.Namespace, ui: Ui) -> int:
     """What a saved artifact removed, per parameter dimension, and whether it has a transformers copy."""
-    from ecospa_fx.artifact import hf_export_info
+    from ecospa_fx.artifact import check_artifact, hf_export_info
     from ecospa_fx.loading import artifact_plan
 
     plan = artifact_plan(args.model)
+    with warnings.catch_warnings():  # no checksums: said below, as a note
+        warnings.simplefilter("ignore", EcospaWarning)
+        checked = check_artifact(args.model)
     table = Table(title=f"{args.model}: {plan.get('granularity')} granularity, sparsity {plan.get('sparsity')}")
     for col in ("parameter", "dim", "removed"):
         table.add_column(col)
@@ -104,6 +108,11 @@ def _inspect_artifact(args: argparse.Namespace, ui: Ui) -> int:
         if hf["written"]
         else f"no transformers config: {hf['reason']}"
     )
+    ui.note(
+        "weights: sha256 verified"
+        if checked["checksums"] == "verified"
+        else "weights: not verified (no checksums recorded: written before ecospa_fx recorded them)"
+    )
     source = (plan.get("source") or {}).get("path") or plan.get("hf_class") or "a plain module"
     ui.result(
         f"artifact of {source}: channels removed from {len(plan.get('removed', []))} parameter dimensions",
@@ -114,6 +123,7 @@ def _inspect_artifact(args: argparse.Namespace, ui: Ui) -> int:
             "removed": {f"{n}[{d}]": len(i) for n, d, i in plan.get("removed", [])},
             "hf_export": hf,
             "source": plan.get("source"),
+            "checksums": checked["checksums"],
         },
     )
     return 0
@@ -125,6 +135,7 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
     offline()
     from ecospa_fx.loading import load_model
 
+    check_out_dir(args.out)
     with ui.stage(f"loading {args.model}"):
         model, config = load_model(args.model, args.gguf_file)
     tokenizer = _tokenizer_or_none(args.model, args.gguf_file)
@@ -174,6 +185,16 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
     return 0
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become the artifact directory before any work is done: an existing
+    file, or a path under one."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: give a directory for the artifact (it is created if missing)")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"--out {out}: {parent} is a file, so the artifact directory cannot be created there")
+
+
 def _tokenizer_or_none(path: Path, gguf_file: str | None):
     try:
         return load_tokenizer(path, gguf_file)
@@ -192,10 +213,13 @@ def _compress_inputs(args: argparse.Namespace, config, tokenizer) -> tuple[tuple
         return example_ids(config, args.batch, args.seq), None, None
     if tokenizer is None:
         raise InputError(f"{args.model} has no tokenizer to read --calibration with; add tokenizer files to it")
-    from ecospa_fx.evaluate import Protocol, read_tokens
+    from ecospa_fx.evaluate import CALIBRATION_FLAGS, Protocol, read_tokens
 
+    if args.seq < 2 or args.batch < 1:
+        raise InputError(f"--calibration needs --seq 2 or more and --batch 1 or more, got {args.seq} and {args.batch}")
     n = max(args.calibration_batches, 1) * args.batch * args.seq
-    ids = read_tokens(args.calibration, tokenizer, Protocol(seq_len=args.seq, max_tokens=max(n, args.seq)))
+    protocol = Protocol(seq_len=args.seq, max_tokens=n)
+    ids = read_tokens(args.calibration, tokenizer, protocol, CALIBRATION_FLAGS)
     rows = ids[: len(ids) // args.seq * args.seq].view(-1, args.seq)
     batches = [(rows[k : k + args.batch],) for k in range(0, len(rows) - args.batch + 1, args.batch)]
     if not batches:

@@ -17,3 +17,14 @@ class CaptureError(EcospaError):
 
 class VerificationError(EcospaError):
     """The compressed model does not match the masked dense model (a bug: please report it)."""
+
+
+class EcospaWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. an artifact loaded unverified)."""
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its lines joined; its type when it has none), at most
+    ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -69,19 +69,31 @@ class Fidelity:
     chunks: int
 
 
-def read_tokens(path: Path, tokenizer, protocol: Protocol) -> torch.Tensor:
-    """The first ``max_tokens`` token ids of a UTF-8 text file (no special tokens)."""
+@dataclass(frozen=True)
+class Flags:
+    """The command-line flags a message about the text names: ``eval`` reads ``--text`` in windows of
+    ``--seq-len``; ``compress`` reads ``--calibration`` in rows of ``--seq``."""
+
+    text: str = "--text"
+    seq_len: str = "--seq-len"
+
+
+EVAL_FLAGS, CALIBRATION_FLAGS = Flags(), Flags(text="--calibration", seq_len="--seq")
+
+
+def read_tokens(path: Path, tokenizer, protocol: Protocol, flags: Flags = EVAL_FLAGS) -> torch.Tensor:
+    """The first ``max_tokens`` token ids of a UTF-8 text file (no special tokens); errors name ``flags``."""
     if not path.is_file():
-        raise InputError(f"{path} is not a file: --text takes a UTF-8 text file")
+        raise InputError(f"{path} is not a file: {flags.text} takes a UTF-8 text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text: --text takes a UTF-8 text file") from None
+        raise InputError(f"{path} is not UTF-8 text: {flags.text} takes a UTF-8 text file") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: protocol.max_tokens]
     if len(ids) < protocol.seq_len:
         raise InputError(
-            f"{path} has {len(ids)} tokens, fewer than --seq-len {protocol.seq_len}: use a longer "
-            "text or a smaller --seq-len"
+            f"{path} has {len(ids)} tokens, fewer than {flags.seq_len} {protocol.seq_len}: use a longer "
+            f"text or a smaller {flags.seq_len}"
         )
     return torch.tensor(ids, dtype=torch.long)
 

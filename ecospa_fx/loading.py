@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ecospa_fx.errors import EcospaError, InputError
+from ecospa_fx.errors import EcospaError, InputError, one_line
 
 WHAT = "pass a local Hugging Face model directory (config.json + weights) or an ecospa_fx artifact directory"
 
@@ -92,21 +91,17 @@ def load_artifact(path: Path, example_inputs: tuple | None = None, dynamic: bool
 
 
 def artifact_plan(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "ecospa.json").read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path / 'ecospa.json'} is unreadable ({err}): write the artifact again") from None
+    """An artifact's ``ecospa.json``, checked (``InputError`` naming the file and field when it is damaged)."""
+    from ecospa_fx.artifact_format import read_plan
+
+    return read_plan(path)
 
 
 def artifact_config(path: Path):
     """The Hugging Face config saved in an artifact, or None."""
-    plan = artifact_plan(path)
-    if not plan.get("hf_class"):
-        return None
-    import transformers
+    from ecospa_fx.artifact_format import hf_config
 
-    cls = getattr(transformers, plan["hf_class"], None)
-    return cls.config_class.from_dict(plan["hf_config"]) if cls is not None else None
+    return hf_config(artifact_plan(path), path)[1]
 
 
 def load_model(model_dir: Path, gguf_file: str | None):
@@ -119,7 +114,9 @@ def load_model(model_dir: Path, gguf_file: str | None):
     try:
         with _quiet_gguf():
             _, model = _from_pretrained(model_dir, extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except EcospaError:
+        raise
+    except Exception as err:  # transformers reports bad configs and weights with many error types
         raise InputError(_load_failure(model_dir, gguf_file, err)) from err
     return _dequantized(model).float().eval(), model.config
 
@@ -160,7 +157,7 @@ def _quiet_gguf() -> Iterator[None]:
 
 
 def _load_failure(model_dir: Path, gguf_file: str | None, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    first = one_line(err).rstrip(".")
     if gguf_file:
         todo = (
             "check that it is a complete GGUF of an architecture transformers reads (llama, mistral, qwen2, "
