@@ -24,7 +24,7 @@ from passes.groups import CoupledUnits, build_groups, orphan_blockers
 from passes.importance import CRITERIA, ScoreInputs, score_groups
 from passes.importance.base import ReportingBatches, relative_to_median, wanted_mask
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
-from passes.plan import PlanSettings, plan_groups, unit_costs
+from passes.plan import PlanSettings, plan_groups, unit_costs, why_nothing_removed
 from passes.rewrite import SYMBOLIC_REASON, RewriteError, apply_plan, preflight
 from passes.verify import oracle_diff
 
@@ -228,7 +228,10 @@ def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: Comp
                 if not kept:
                     keep[unit] = False
     for group in planned:
-        report.groups.append(_report_group(group, facts, keep))
+        entry = _report_group(group, facts, keep)
+        if config.sparsity > 0 and not entry.units_removed:
+            entry = dataclasses.replace(entry, note=why_nothing_removed(group, facts, settings))
+        report.groups.append(entry)
     for reason, names in orphan_blockers(facts, groups):
         report.skipped.append(Skipped("unsupported", names, (reason,)))
     return keep, report

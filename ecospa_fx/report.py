@@ -35,6 +35,7 @@ class Group:
     units: int
     units_removed: int
     sites: tuple[str, ...] = ()  # non-parameter operands gathered alongside (rotary cos/sin, masks)
+    note: str = ""  # why nothing was removed although the group was planned at a nonzero sparsity
 
     @property
     def layer(self) -> str:
@@ -117,6 +118,10 @@ class Report:
         if self.compensated:
             shown = ", ".join(self.compensated[:4]) + (" ..." if len(self.compensated) > 4 else "")
             lines.append(f"bias compensation at {len(self.compensated)} linears: {shown}")
+        whole = [g for g in self.groups if g.note]
+        if whole:
+            lines.append(f"planned but kept whole ({len(whole)} groups):")
+            lines += [f"  - {g.kind} [{', '.join(g.params[:3])}]: {g.note}" for g in whole]
         if self.skipped and self.groups:
             lines.append(f"left dense ({len(self.skipped)} groups):")
             lines += self._skipped_lines()
@@ -158,6 +163,7 @@ class Report:
                     "kind": g.kind,
                     "units": g.units,
                     "units_kept": g.units - g.units_removed,
+                    "note": g.note,
                     "members": [{"param": m.param, "dim": m.dim, "size": m.size, "kept": m.kept} for m in g.members],
                 }
                 for g in self.groups

@@ -76,6 +76,7 @@ class CouplingFacts:
     block_size: dict[int, int] = field(default_factory=dict)  # space id -> channels per head block
     n_channels: int = 0
     contractions: list[Contraction] = field(default_factory=list)  # for scoring and FLOP costs
+    divisors: dict[str, int] = field(default_factory=dict)  # mean node -> original count (keep dividing by it)
 
     def new_space(self, size: int, **kw) -> Space:
         space = Space(id=len(self.spaces), size=size, offset=self.n_channels, **kw)

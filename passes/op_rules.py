@@ -68,14 +68,12 @@ COMPARE_OR_SELECT = [
 ]
 RESHAPES = ["aten::view", "aten::reshape", "aten::_unsafe_view", "aten::flatten", "aten::unflatten"]
 # Reductions that normalise by the number of channels (or pick one): removing channels changes them.
-NORMALISING_REDUCTIONS = [
-    "aten::mean",
+NORMALISING_REDUCTIONS = [  # (``aten::mean`` and ``aten::linalg_vector_norm`` have rules of their own)
     "aten::var",
     "aten::std",
     "aten::amax",
     "aten::amin",
     "aten::logsumexp",
-    "aten::linalg_vector_norm",
     "aten::norm",
     "aten::var_mean",
     "aten::max",
@@ -297,10 +295,15 @@ def _select_like(ctx: Ctx, node: fx.Node) -> Labels:
 
 @rule("aten::div")
 def _div(ctx: Ctx, node: fx.Node) -> Labels | None:
-    divisor = node.args[1]
-    if ctx.lab(divisor) is not None and any(ctx.lab(divisor)):
+    """``x / y``: removed channels of a divisor that varies along them would divide by 0, so a divisor
+    with channel labels is blocked; one that is constant along the channels (a per-head norm, a partial
+    label) is fine, except where whole heads go and it is itself 0 there (``q / q.norm()``)."""
+    labels = ctx.lab(node.args[1])
+    if labels is not None and any(lab is not None and lab.full for lab in labels):
         block_input(ctx, node, "division by a tensor that carries channels (removed channels would be 0)")
         return None
+    if labels is not None and any(lab is not None and lab.zero_ok for lab in labels):
+        ctx.block_labels(labels, "head", "division by a per-head value that is 0 where the head is removed", node)
     return _elementwise(ctx, node, "mul")
 
 
@@ -338,12 +341,17 @@ def _block_dropped_blocks(ctx: Ctx, node: fx.Node, labels: Labels) -> None:
 
 
 def _note_blocks(ctx: Ctx, labels: Labels, shape: list[int]) -> None:
-    """A space split over several axes has head blocks: the innermost axis' extent is the block size."""
+    """A space split over several axes has head blocks: the stride of the outer (head) axes is the block
+    size (the innermost axis' extent when nothing else says: a view of a partial rotary slice spans only
+    part of a head, so its extent would understate the block)."""
     for space, axes in spaces_of(labels).items():
         if len(axes) < 2 or not all(labels[a].full for a in axes):
             continue
         inner = min(axes, key=lambda a: int(np.ptp(labels[a].arr)) if shape[a] > 1 else 1 << 62)
-        ctx.facts.note_block_size(space, int(np.ptp(labels[inner].arr)) + 1)
+        size = int(np.ptp(labels[inner].arr)) + 1
+        outer = [labels[a].arr for a in axes if a != inner]
+        strides = [np.gcd.reduce(arr[arr > 0]) for arr in outer if (arr > 0).any()]
+        ctx.facts.note_block_size(space, max(size, int(min(strides))) if strides else size)
 
 
 @rule("aten::transpose", "aten::swapaxes")
@@ -410,7 +418,7 @@ def _drop_axes(ctx: Ctx, node: fx.Node, labels: Labels, drop: set[int]) -> Label
     return tuple(out)
 
 
-@rule("aten::expand")
+@rule("aten::expand", "aten::expand_as")  # expand_as(x, y): y only gives the shape
 def _expand(ctx: Ctx, node: fx.Node) -> Labels | None:
     labels = ctx.lab(node.args[0])
     if labels is None:
@@ -690,7 +698,7 @@ def _constant_shift(base: Labels, other: Labels) -> int | None:
 
 
 # ---------------------------------------------------------------------------------- reductions
-def _reduced_axes(node: fx.Node, rank: int, dim_index: int = 1) -> list[int]:
+def reduced_axes(node: fx.Node, rank: int, dim_index: int = 1) -> list[int]:
     dims = arg(node, dim_index, "dim")
     if dims is None or dims == []:
         return list(range(rank))
@@ -730,7 +738,7 @@ def _sum(ctx: Ctx, node: fx.Node) -> Labels | None:
     labels = ctx.lab(node.args[0])
     if labels is None:
         return None
-    axes = _reduced_axes(node, len(labels))
+    axes = reduced_axes(node, len(labels))
     sunk = [a for a in axes if labels[a] is not None]
     if sunk:
         ctx.facts.flag("sum_sink", ctx.global_ids(labels, sunk))
@@ -745,12 +753,46 @@ def _normalising(ctx: Ctx, node: fx.Node) -> object:
     if labels is None:
         return None
     rank = len(labels)
-    dim_index = 2 if node.target.__name__.startswith("linalg_vector_norm") else 1
-    axes = _reduced_axes(node, rank, dim_index)
+    dim_index = 1
+    axes = reduced_axes(node, rank, dim_index)
     _block_if_reduced(ctx, node, labels, axes, schema_name(node.target))
     keepdim = bool(arg(node, dim_index + 1, "keepdim", False))
     out = _reduce_labels(ctx, node, labels, axes, keepdim)
     return [out, out] if isinstance(node.meta.get("val"), (tuple, list)) else out
+
+
+@rule("aten::mean")
+def _mean(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``mean = sum / N``. Over channels that are 0 in the masked model where removed, the masked mean is
+    the sum over the kept channels divided by the *original* N: exact when the rewrite keeps that divisor
+    (``CouplingFacts.divisors``). This is what RMS norms need (q_norm / k_norm over head_dim or over the
+    whole projection: ``x * rsqrt(mean(x**2) + eps)`` only rescales). A mean over entries that are not 0
+    where removed (a LayerNorm's variance of ``x - mean(x)``) stays blocked."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    shape = ctx.shape(node.args[0])
+    axes = reduced_axes(node, len(labels))
+    reduced = [labels[a] for a in axes if labels[a] is not None]
+    if reduced and all(lab.zero_ok and not ctx.facts.spaces[lab.space].is_virtual for lab in reduced):
+        ctx.facts.divisors[node.name] = int(np.prod([shape[a] for a in axes]))
+    else:
+        _block_if_reduced(ctx, node, labels, axes, "aten::mean")
+    return _reduce_labels(ctx, node, labels, axes, bool(arg(node, 2, "keepdim", False)))
+
+
+@rule("aten::linalg_vector_norm")
+def _vector_norm(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``(sum |x|^p)^(1/p)`` for p > 0 (or ``max |x|`` for p = inf): removed entries that are 0 add
+    nothing, so it is exact like a sum (the zero check is the contraction's); other orders are blocked."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    order = arg(node, 1, "ord", 2)
+    axes = reduced_axes(node, len(labels), 2)
+    if not isinstance(order, (int, float)) or not order > 0:
+        _block_if_reduced(ctx, node, labels, axes, "aten::linalg_vector_norm")
+    return _reduce_labels(ctx, node, labels, axes, bool(arg(node, 3, "keepdim", False)))
 
 
 def _reduce_labels(ctx: Ctx, node: fx.Node, labels: Labels, axes: list[int], keepdim: bool) -> Labels:

@@ -67,6 +67,25 @@ def plan_group(
     return _plan_blocks(group, scores, facts, settings)
 
 
+def why_nothing_removed(group: CoupledUnits, facts: CouplingFacts, settings: PlanSettings) -> str:
+    """Why a group planned at a nonzero sparsity lost no unit (for the report: no silent no-ops)."""
+    if settings.allocation == "global":
+        return "global allocation kept it whole (its units score above the budget's cut)"
+    if group.kind == "head" or not group.blocks:
+        n = len(group.units)
+        return (f"the keep count rounds to all {n} units (sparsity {settings.sparsity:g}, "
+                f"round_to {settings.round_to})")
+    totals: dict[int, int] = {}
+    for w in _unit_widths(group, facts):
+        for code, c in w.items():
+            totals[code] = totals.get(code, 0) + c
+    width = max(totals.values())
+    if keep_count(width, settings.sparsity, settings.round_to) >= width:
+        return f"the per-head keep count rounds to the full {width} (round_to {settings.round_to})"
+    return ("no per-head channel count below the full width fits every head (its units hold different "
+            "numbers of channels in different heads)")
+
+
 def _unit_widths(group: CoupledUnits, facts: CouplingFacts) -> list[dict[int, int]]:
     """For each unit: {block code: channels it holds there} over the group's head-structured spaces."""
     widths = []
@@ -98,7 +117,7 @@ def _plan_blocks(group, scores, facts, settings) -> np.ndarray:
         keep = np.zeros(len(group.units), dtype=bool)
         if _fill(list(range(len(group.units))), widths, scores, t, keep):
             return keep
-    raise ValueError("no uniform per-head channel count fits this group")
+    return np.ones(len(group.units), dtype=bool)  # no count fits every head: keep all (the report says so)
 
 
 def _fill(members: list[int], widths, scores, target: int, keep: np.ndarray) -> bool:

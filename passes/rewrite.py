@@ -20,7 +20,7 @@ import torch.fx as fx
 from passes.analyse import Analysis, arg_at, concrete
 from passes.compaction import CompactionError, new_sizes, remap_index, remap_slice
 from passes.labels import Labels
-from passes.op_rules import arg, norm_dim, schema_name
+from passes.op_rules import arg, norm_dim, reduced_axes, schema_name
 
 aten = torch.ops.aten
 
@@ -249,6 +249,22 @@ def _patch_view(analysis, node, keep) -> None:
     _patch_shape_arg(analysis, node, keep, 1)
 
 
+def _patch_expand_as(analysis, node, keep) -> None:
+    """``expand_as(x, y)`` takes y's *new* shape, but a gather site on its broadcast axis (``x / norm``
+    with the norm expanded over head_dim) is sliced from the original width: pin the original size by
+    turning it into ``expand(x, sizes)`` (``-1`` where x is not broadcast), then patch like ``expand``."""
+    x_shape, out_shape = _shape(node.args[0]), _shape(node)
+    lead = len(out_shape) - len(x_shape)
+    sizes = [n if k < lead or x_shape[k - lead] != n else -1 for k, n in enumerate(out_shape)]
+    literal = [isinstance(s, int) for s in node.meta["val"].shape]
+    if not all(ok for ok, n in zip(literal, sizes, strict=True) if n != -1):
+        return  # a broadcast over a symbolic size (dynamic batch): leave it to follow y
+    node.target = aten.expand.default
+    node.args = (node.args[0], sizes)
+    node.kwargs = {}
+    _patch_view(analysis, node, keep)
+
+
 def _patch_unflatten(analysis, node, keep) -> None:
     labels = _labels(analysis, node)
     if labels is None:
@@ -337,11 +353,31 @@ def _patch_sdpa(analysis, node, keep) -> None:
             node.update_kwarg("scale", 1.0 / math.sqrt(shape[-1]))
 
 
+def _patch_mean(analysis, node, keep) -> None:
+    """Keep the original divisor of a mean over channels (``CouplingFacts.divisors``): the masked model
+    averages over all N entries, the removed ones being 0, so the compressed one computes ``sum / N`` over
+    the N' kept entries (an RMS norm over pruned head_dim stays exact)."""
+    total = analysis.facts.divisors.get(node.name)
+    sizes = _sizes_after(analysis, node.args[0], keep) if total is not None else None
+    if sizes is None:
+        return
+    kept = int(np.prod([sizes[a] for a in reduced_axes(node, len(sizes))]))
+    if kept == total:
+        return
+    node.target = aten.sum.dim_IntList if node.args[1:] else aten.sum.default
+    with node.graph.inserting_after(node):
+        scaled = node.graph.call_function(aten.mul.Tensor, (node, 1.0 / total))
+    scaled.meta = dict(node.meta)
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+
+
 PATCHES = {
+    "aten::mean": _patch_mean,
     "aten::view": _patch_view,
     "aten::reshape": _patch_view,
     "aten::_unsafe_view": _patch_view,
     "aten::expand": _patch_view,
+    "aten::expand_as": _patch_expand_as,
     "aten::unflatten": _patch_unflatten,
     "aten::slice": _patch_slice,
     "aten::narrow": _patch_narrow,

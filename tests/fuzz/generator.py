@@ -17,8 +17,10 @@ equal q/k/v widths, ``enable_gqa`` needs SDPA, rotary needs an even head_dim). C
   ``repeat_kv``), ``repeat_interleave`` or SDPA's ``enable_gqa``;
 * rotary: none, rotate_half (Llama) or interleaved (GPT-J), on the full head_dim or a leading part of it
   (NeoX/Phi partial rotary); cos/sin computed once and shared by every layer, or per attention module;
-* optional RMS norm over head_dim on q and k (Qwen3 q_norm/k_norm): head_dim pruning of qk is then not
-  exact, so the generator marks those q/k channels as protected (they must not be pruned);
+* optional norm on q and k (``qk_norm``), over head_dim (Qwen3, Gemma3) or over the whole projection
+  (OLMo2), in one of three styles: RMS (exact when the mean keeps its original divisor), L2
+  (``F.normalize``, exact) or a centring LayerNorm (Cohere: not exact over pruned channels, so the
+  generator marks those q/k channels as protected: they must not be pruned);
 * FFN: GELU / ReLU / SiLU two-layer, SwiGLU / GeGLU with separate gate and up, or a fused gate_up split
   by ``chunk(2)``;
 * projections: ``nn.Linear``, raw Parameters with ``F.linear``, or [in, out] weights applied with
@@ -57,6 +59,8 @@ FFN = ("gelu", "relu", "silu", "swiglu", "geglu", "fused_gate_up", "sigmoid")
 GLU = ("swiglu", "geglu", "fused_gate_up")  # act(gate) * up: zero where up's row is, whatever the gate
 OFFSETS = ("none", "input", "const")  # t [B, S, 1] (example 0) or a literal added before v / the activation
 OFFSET_AT = ("v", "ffn")
+QK_NORMS = ("rms", "l2", "layer")
+QK_NORM_OVER = ("head", "proj")
 REDUCE = ("none", "v_sum", "v_mean", "ffn_sum", "ffn_mean")  # a reduction over channels, extra to the model
 NORMS = ("layer", "rms")
 PROJ = ("linear", "flinear", "inout")
@@ -94,6 +98,8 @@ class Spec:
     rotary_dim: int = 0  # 0: full head_dim; else a leading part (partial rotary)
     rotary_shared: bool = True
     qk_norm: bool = False
+    qk_norm_style: str = "rms"  # rms | l2 | layer (centring)
+    qk_norm_over: str = "head"  # head (head_dim) | proj (the whole q / k projection)
     ffn: str = "gelu"
     proj: str = "linear"
     attn_bias: bool = True
@@ -142,6 +148,8 @@ class Spec:
             ("offset", self.offset, OFFSETS),
             ("offset_at", self.offset_at, OFFSET_AT),
             ("reduce", self.reduce, REDUCE),
+            ("qk_norm_style", self.qk_norm_style, QK_NORMS),
+            ("qk_norm_over", self.qk_norm_over, QK_NORM_OVER),
         ):
             if value not in options:
                 out.append(f"{name}={value!r} not in {options}")
@@ -165,15 +173,13 @@ class Spec:
 
     @property
     def vo_blocked(self) -> bool:
-        """The self-attention vo (and head) group must stay dense: a sum over v's non-zero removed entries,
-        or a mean (its divisor is the width)."""
-        return self.reduce == "v_mean" or (self.reduce == "v_sum" and not self.v_zero)
+        """The self-attention vo (and head) group must stay dense: a sum or mean over v's channels whose
+        removed entries are not 0 (a mean over zeros is exact: the rewrite keeps its original divisor)."""
+        return self.reduce in ("v_sum", "v_mean") and not self.v_zero
 
     @property
     def ffn_blocked(self) -> bool:
-        return self.reduce == "ffn_mean" or (
-            not self.ffn_zero and (self.reduce == "ffn_sum" or self.down_buffer)
-        )
+        return not self.ffn_zero and (self.reduce in ("ffn_sum", "ffn_mean") or self.down_buffer)
 
     def summary(self) -> str:
         """One line for humans (hypothesis events, logs)."""
@@ -181,9 +187,10 @@ class Spec:
         rot = "no-rope"
         if self.rotary != "none":
             rot = f"rope={self.rotary}[{self.rot_dim}/{self.head_dim}]{'shared' if self.rotary_shared else ''}"
+        qk_norm = f" qk_norm={self.qk_norm_style}/{self.qk_norm_over}" if self.qk_norm else ""
         return (
             f"{self.layers}L d{self.hidden} {heads} hd{self.head_dim} {self.qkv} {self.attention} {rot}"
-            f"{' qk_norm' if self.qk_norm else ''} ffn={self.ffn}[{self.ffn_dim}] {self.proj} "
+            f"{qk_norm} ffn={self.ffn}[{self.ffn_dim}] {self.proj} "
             f"{'pre' if self.pre_norm else 'post'}-{self.norm}{' parallel' if self.parallel else ''} "
             f"cross={self.cross} mask={self.mask} {'ids' if self.token_input else 'float'} "
             f"B{self.batch} S{self.seq}{self._zero_summary()}"
@@ -378,6 +385,27 @@ class RMSNorm(_Roles):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self._eps) * self.get("scale")
 
 
+class QkNorm(_Roles):
+    """A norm over the last axis of q or k: RMS (``x * rsqrt(mean(x^2) + eps) * w``), L2
+    (``F.normalize(x) * w``) or a centring LayerNorm written out by hand (Cohere)."""
+
+    def __init__(self, names, d, style: str, eps=1e-6):
+        super().__init__(names)
+        self.put("scale", nn.Parameter(1.0 + 0.1 * torch.randn(d)))
+        if style == "layer":
+            self.put("shift", nn.Parameter(0.1 * torch.randn(d)))
+        self._style, self._eps = style, eps
+
+    def forward(self, x):
+        w = self.get("scale")
+        if self._style == "rms":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self._eps) * w
+        if self._style == "l2":
+            return F.normalize(x, dim=-1) * w
+        centred = x - x.mean(-1, keepdim=True)
+        return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self._eps) * w + self.get("shift")
+
+
 def make_norm(spec: Spec, names: _Names, d: int) -> nn.Module:
     if spec.norm == "rms":
         return RMSNorm(names, d)
@@ -447,8 +475,9 @@ class Attention(_Roles):
             self.put("qkv", make_proj(spec, names, d, qw + 2 * kw, b))
         self.put("o", make_proj(spec, names, qw, d, b))
         if spec.qk_norm:
-            self.put("qn", RMSNorm(names, hd))
-            self.put("kn", RMSNorm(names, hd))
+            whole = spec.qk_norm_over == "proj"
+            self.put("qn", QkNorm(names, qw if whole else hd, spec.qk_norm_style))
+            self.put("kn", QkNorm(names, kw if whole else hd, spec.qk_norm_style))
         if self._rotary != "none" and not spec.rotary_shared:
             self.register_buffer(names("inv_freq"), inv_freq(spec.rot_dim), persistent=False)
             self._inv_freq_name = next(n for n in self._buffers)
@@ -476,8 +505,8 @@ class Attention(_Roles):
                 out.append((bias, 0, idx, "qkv.bias[q|k]"))
         if s.qk_norm:
             for role in ("qn", "kn"):
-                p = self.get(role).get("scale")
-                out.append((p, 0, frozenset(range(hd)), role))
+                for p in self.get(role).parameters():
+                    out.append((p, 0, frozenset(range(p.shape[0])), role))
         return out
 
     def _project(self, x, mem):
@@ -505,11 +534,13 @@ class Attention(_Roles):
         if not self._cross and s.reduce in ("v_sum", "v_mean"):
             self._aux = channel_reduction(v, s.reduce)
         m = k.shape[1]
+        if s.qk_norm and s.qk_norm_over == "proj":  # OLMo2: over the whole projection, before the heads
+            q, k = self.get("qn")(q.reshape(b, n, qw)), self.get("kn")(k.reshape(b, m, kw))
         # [B, S, H, D]
         q = q.reshape(b, n, nh, hd)
         k = k.reshape(b, m, kv, hd)
         v = v.reshape(b, m, kv, hd)
-        if s.qk_norm:
+        if s.qk_norm and s.qk_norm_over == "head":
             q, k = self.get("qn")(q), self.get("kn")(k)
         return q, k, v
 
@@ -789,18 +820,21 @@ def _truth(spec: Spec, model: nn.Module) -> Truth:
     fqn = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     protected = []
-    if spec.qk_norm:
+    centred = spec.qk_norm and spec.qk_norm_style == "layer"
+    if centred:
         for a in attns:
             for p, dim, idx, role in a.qk_channels():
-                protected.append(Protected(fqn[id(p)], dim, idx, f"{role} feeds an RMS norm over head_dim"))
+                protected.append(Protected(fqn[id(p)], dim, idx, f"{role} feeds a centring norm"))
     n_attn = len(attns)
     vo = n_attn - (spec.layers if spec.vo_blocked else 0)  # the reduction sits in self-attention only
+    # a centring norm over the whole projection also pins whole heads (it mixes every head's channels)
+    heads = 0 if centred and spec.qk_norm_over == "proj" else vo
     return Truth(
         attention_modules=vo,
-        qk_prunable=0 if spec.qk_norm else n_attn,
-        qk_skipped=n_attn if spec.qk_norm else 0,
+        qk_prunable=0 if centred else n_attn,
+        qk_skipped=n_attn if centred else 0,
         ffn_modules=0 if spec.ffn_blocked else spec.layers,
-        head_groups=vo if spec.kv_heads > 1 else 0,
+        head_groups=heads if spec.kv_heads > 1 else 0,
         protected=protected,
     )
 
@@ -853,6 +887,8 @@ def specs(draw) -> Spec:
         rotary_dim=rotary_dim,
         rotary_shared=draw(st.booleans()) if rotary != "none" else True,
         qk_norm=draw(st.booleans()),
+        qk_norm_style=draw(st.sampled_from(QK_NORMS)),
+        qk_norm_over=draw(st.sampled_from(QK_NORM_OVER)),
         ffn=draw(st.sampled_from(FFN)),
         proj=draw(st.sampled_from(PROJ)),
         attn_bias=draw(st.booleans()),

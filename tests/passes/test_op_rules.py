@@ -79,14 +79,20 @@ def test_unknown_op_between_projections_fails_closed(mid, op):
         assert any(op in reason and "unknown op" in reason for reason in group.reasons), group.reasons
 
 
+def _centred_layer_norm(h):
+    """LayerNorm written out: the variance is a mean over ``h - mean(h)``, which is not 0 where removed."""
+    c = h - h.mean(-1, keepdim=True)
+    return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
 @pytest.mark.parametrize(
     ("mid", "reason"),
     [
         (lambda h: torch.softmax(h, -1), "softmax over a channel axis"),
-        (lambda h: h - h.mean(-1, keepdim=True), "aten::mean over a channel axis"),
-        (lambda h: h / h.norm(dim=-1, keepdim=True), "over a channel axis"),
+        (_centred_layer_norm, "aten::mean over a channel axis"),
+        (lambda h: h / h.var(-1, keepdim=True), "aten::var over a channel axis"),
     ],
-    ids=["softmax", "mean", "norm"],
+    ids=["softmax", "centred_variance", "var"],
 )
 def test_normalising_over_channel_axis_blocks(mid, reason):
     analysis, groups = discover(FFN(mid), X)
@@ -95,6 +101,33 @@ def test_normalising_over_channel_axis_blocks(mid, reason):
     for group in up_groups:
         assert not group.prunable
         assert any(reason in r for r in group.reasons), group.reasons
+
+
+@pytest.mark.parametrize(
+    "mid",
+    [
+        lambda h: h - h.mean(-1, keepdim=True),  # the mean keeps its divisor; removed entries meet W_down's 0s
+        lambda h: h / h.norm(dim=-1, keepdim=True),  # the norm of zeros adds nothing
+        lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6),  # an RMS norm
+    ],
+    ids=["mean_offset", "l2_scale", "rms"],
+)
+def test_mean_and_norm_over_zero_channels_are_exact(mid):
+    import warnings
+
+    import ecospa_fx
+    from passes.verify import masked_copy, max_abs_diff
+
+    model = FFN(mid).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = ecospa_fx.compress(model, (X,), 0.5, round_to=1)
+    report = compressed.ecospa_report
+    assert report.count("ffn") == 1 and report.groups[0].units_removed == 8, report.summary()
+    removed = [(n, d, i) for (n, d), i in report.removed.items()]
+    probe = torch.randn(X.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert max_abs_diff(compressed(probe), masked_copy(model, removed)(probe)) < 1e-5
 
 
 def test_sum_over_channel_axis_is_a_sink_not_a_blocker():

@@ -241,17 +241,16 @@ def _qwen3() -> ZooCase:
         use_cache=False,
         use_sliding_window=False,
         initializer_range=INIT,
-        expect={"qk": 0, "vo": L, "ffn": L},
+        expect={"qk": L, "vo": L, "ffn": L},
         meta=m,
         notes=_shape_note(m)
         + (
             "Qwen3: q_norm/k_norm are RMSNorms over head_dim applied per head after q_proj/k_proj and "
-            "before RoPE. Dropping head-dim channels changes the RMS statistic -> qk groups cannot be "
-            "pruned exactly: expect qk = 0 with the 2 per-layer qk groups (1/layer because of shared "
-            "RoPE) reported skipped (skipped_min=2; a discovery that counts before the RoPE merge might "
-            "report 2*KV=4). vo (v_proj has no norm) 1/layer and SwiGLU ffn 1/layer stay prunable."
+            "before RoPE. The RMS statistic is a mean of squares over head_dim; removed channels are 0 in "
+            "the masked model, so keeping the original divisor (mean -> sum / head_dim) keeps it exact and the "
+            "norm weight (shared across heads) is sliced with the channels: qk 1/layer (shared RoPE and norm "
+            "weight tie all heads), vo 1/layer, SwiGLU ffn 1/layer."
         ),
-        skipped_min=L,
     )
 
 
