@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
 from ecospa_fx.input_checks import calibration_list, check_batches, require_parameters
 from ecospa_fx.report import Group, Member, Report, Skipped
-from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs, train_mode_modules
+from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs, copy_module, train_mode_modules
 from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
 from passes.groups import CoupledUnits, build_groups, orphan_blockers
@@ -75,7 +74,7 @@ def compress(
     score_inputs = ScoreInputs(gm, analysis.facts, params, analysis.labels, batches, loss_fn, config.seed)
     keep, report = _plan(groups, analysis.facts, params, config, score_inputs)
     keep = _reconcile(groups, analysis, keep, report)
-    compressed = copy.deepcopy(gm)
+    compressed = copy_module(gm)
     try:
         apply_plan(compressed, analysis, keep)
     except RewriteError as err:

@@ -31,6 +31,7 @@ from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import InputError
 from ecospa_fx.report import Report
 from passes.analyse import Analysis
+from passes.capture import copy_module
 from passes.dataflow import analyse
 from passes.groups import build_groups
 from passes.importance import ScoreInputs
@@ -176,9 +177,8 @@ def plan_compression(
 def retarget_device(gm: torch.fx.GraphModule, device: str = "cpu") -> torch.fx.GraphModule:
     """A copy of ``gm`` whose ``device=meta`` arguments (``arange``, ``zeros``, ``to``, metadata asserts,
     in every nested graph) name ``device`` instead, so a graph captured on meta runs on real tensors."""
-    import copy
 
-    out = copy.deepcopy(gm)
+    out = copy_module(gm)
     target = torch.device(device)
     swap = lambda v: target if isinstance(v, torch.device) and v.type == "meta" else v  # noqa: E731
     for module in out.modules():

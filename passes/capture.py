@@ -7,6 +7,7 @@ qualified name as a ``get_attr`` target, which is the placeholder <-> parameter 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -185,3 +186,16 @@ def _input_ancestors(node: fx.Node) -> list[fx.Node]:
         stack.extend(n.all_input_nodes)
     order = {n: k for k, n in enumerate(node.graph.nodes)}
     return sorted(found, key=order.__getitem__)
+
+
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy`` that keeps which buffers are non-persistent: a deep-copied GraphModule forgets
+    ``_non_persistent_buffers_set`` (its ``state_dict`` would then list them, and a saved artifact would
+    not match the module rebuilt on load)."""
+    out = copy.deepcopy(module)
+    originals = dict(module.named_modules(remove_duplicate=False))
+    for name, sub in out.named_modules(remove_duplicate=False):
+        source = originals.get(name)
+        if source is not None:
+            sub._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
+    return out

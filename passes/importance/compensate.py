@@ -18,13 +18,13 @@ other contractions (``matmul`` / ``einsum`` with weights) are left as they are a
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.fx as fx
 
+from passes.capture import copy_module
 from passes.importance.activation import StopAfterLast, last_node
 from passes.importance.base import ScoreInputs, operand_ids, sinks
 
@@ -146,4 +146,4 @@ def add_output_biases(gm: fx.GraphModule, deltas: dict[str, torch.Tensor]) -> fx
 
 def with_output_biases(gm: fx.GraphModule, deltas: dict[str, torch.Tensor]) -> fx.GraphModule:
     """A copy of ``gm`` with the deltas added (the dense side of the mask oracle)."""
-    return add_output_biases(copy.deepcopy(gm), deltas)
+    return add_output_biases(copy_module(gm), deltas)

@@ -64,3 +64,27 @@ def test_dtype_mismatch_is_an_input_error_but_masks_and_ids_are_not():
 
     ids, mask = torch.randint(0, 10, (2, 5)), torch.ones(5, 5, dtype=torch.bool).tril()
     capture(Attn(), (ids, mask))  # int ids into an embedding, a bool mask into SDPA: fine
+
+
+def test_copy_module_keeps_non_persistent_buffers_out_of_the_state_dict():
+    """B1's root: ``copy.deepcopy`` of a GraphModule forgets ``_non_persistent_buffers_set``."""
+    import warnings
+
+    import ecospa_fx
+    from passes.capture import capture, copy_module
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+            self.register_buffer("scale", torch.full((8,), 2.0), persistent=False)
+
+        def forward(self, x):
+            return x * self.scale + self.down(torch.relu(self.up(x)))
+
+    model, x = Scaled().eval(), torch.randn(2, 3, 8)
+    gm = capture(model, (x,))
+    assert "scale" not in copy_module(gm).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert "scale" not in ecospa_fx.compress(model, (x,), 0.5).state_dict()
