@@ -527,8 +527,8 @@ class Attention(_Roles):
                 q, k, v = y.split([qw, kw, kw], dim=-1)
             else:  # GPT-NeoX: per head [q | k | v]
                 q, k, v = y.view(b, n, nh, 3 * hd).chunk(3, dim=-1)
-                if s.reduce.startswith("v_"):  # reduce over every v channel of the token
-                    v = v.reshape(b, n, nh * hd)
+                if s.reduce.startswith("v_") or (s.offset != "none" and s.offset_at == "v"):
+                    v = v.reshape(b, n, nh * hd)  # [B, S, H*D] like the other layouts: t is [B, S, 1]
         if not self._cross and s.offset_at == "v":
             v = add_offset(v, s.offset, self._t)
         if not self._cross and s.reduce in ("v_sum", "v_mean"):
