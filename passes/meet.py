@@ -66,6 +66,10 @@ def tie_operands(facts, spaces, a: Operand, b: Operand, sizes: dict[str, int]) -
                 ga = grid_over(a, sa, union, sizes) + off_a
                 gb = grid_over(b, sb, union, sizes) + off_b
                 kind = "aligned" if set(letters_a) == set(letters_b) else "broadcast"
+                if kind == "broadcast" and _tie_per_head(
+                    facts, a, sa, off_a, letters_a, b, sb, off_b, letters_b, meet, sizes
+                ):
+                    continue
                 facts.tie(
                     kind,
                     np.broadcast_to(ga, np.broadcast_shapes(ga.shape, gb.shape)),
@@ -85,6 +89,33 @@ def _tie_blocks(facts, a, sa, off_a, b, sb, off_b, meet, sizes) -> None:
     rep = parts[0][:, :1]
     for part in parts:
         facts.tie("block", np.broadcast_to(rep, part.shape), part)
+
+
+def _tie_per_head(facts, a, sa, off_a, letters_a, b, sb, off_b, letters_b, meet, sizes) -> bool:
+    """A space that meets another only on the other's *head* axes (the rows of a per-head norm weight
+    [H, D], a per-head scale [H, 1], times q [.., H, D]) goes with those heads when whole heads are removed
+    and never when channels inside the heads are: tie its channel h to head h's block (a ``block`` tie,
+    head granularity only) instead of to every channel of the head. A table that meets channels inside the
+    heads (rotary cos/sin, the weight's D axis) is not this. True when it applied."""
+    for small, s_small, off_s, l_small, big, s_big, off_b2, l_big in (
+        (a, sa, off_a, letters_a, b, sb, off_b, letters_b),
+        (b, sb, off_b, letters_b, a, sa, off_a, letters_a),
+    ):
+        if set(l_small) == set(meet) and set(meet) < set(l_big) and all(_head_axis(big, ch, s_big) for ch in meet):
+            _tie_blocks(facts, small, s_small, off_s, big, s_big, off_b2, meet, sizes)
+            return True
+    return False
+
+
+def _head_axis(op: Operand, letter: str, space: int) -> bool:
+    """``letter`` indexes whole blocks of ``space`` in ``op``: its channel offsets are multiples of the
+    extent of the space's other axes."""
+    labs = op.letter_labels()
+    others = [lab for ch, lab in labs.items() if ch != letter and lab.space == space]
+    if not others:
+        return False
+    extent = 1 + sum(int(np.ptp(lab.arr)) for lab in others)
+    return bool(np.all(labs[letter].arr % extent == 0))
 
 
 def _carries(op: Operand, letter: str, space: int) -> bool:

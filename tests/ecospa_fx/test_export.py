@@ -140,3 +140,21 @@ def test_export_leaves_every_submodule_mode_as_it_was(tmp_path):
     result = export_onnx(model, (torch.randn(3, 4),), tmp_path / "m.onnx")
     assert result.max_diff < 1e-4  # compared in eval mode: dropout off, running statistics
     assert [m.training for m in model.modules()] == before
+
+
+MODERN = ["hf_qwen3", "hf_gemma3", "hf_olmo2", "hf_cohere_qk_norm", "hf_phi", "hf_olmo_clip_qkv", "hf_nemotron_relu2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "granularity"),
+    [(n, "channel") for n in MODERN] + [("hf_cohere_qk_norm", "head"), ("hf_olmo2", "head")],
+)
+def test_modern_families_export_with_parity(name, granularity, tmp_path):
+    """Issue 12: qk-norm (RMS, per projection, centring with a per-head weight), partial rotary, clipped
+    qkv and squared-ReLU models compress and export; onnxruntime matches the compressed module."""
+    case = case_by_name(name)
+    model, inputs = case.build(), case.inputs()
+    compressed = ecospa_fx.compress(model, inputs, 0.5, granularity=granularity)
+    assert compressed.ecospa_report.params_after < compressed.ecospa_report.params_before
+    result = export_onnx(compressed, inputs, tmp_path / "m.onnx")
+    assert result.checked and result.max_diff < 1e-4

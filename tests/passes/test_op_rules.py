@@ -329,3 +329,41 @@ def test_contraction_of_non_zero_preserving_sides_blocks():
     qk = [g for g in groups if g.kind == "qk"]
     assert qk and all(not g.prunable for g in qk)
     assert any("f(0) != 0" in r for g in qk for r in g.reasons)
+
+
+class PerHeadScaled(nn.Module):
+    """q and k scaled by a per-head weight [H, D] (Cohere's qk LayerNorm weight) before q . k."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.wq = nn.Parameter(torch.randn(4, 4))
+        self.wk = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 4, 4) * self.wq
+        k = self.k(x).view(b, s, 4, 4) * self.wk
+        v = self.v(x).view(b, s, 4, 4)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return x + self.o(a.transpose(1, 2).reshape(b, s, 16))
+
+
+def test_per_head_weight_goes_with_its_head():
+    """A weight [H, D] meets q on the head axis: at head granularity its row h is removed with head h (it
+    used to stay whole and the compressed model failed to run); at channel granularity it is sliced along D."""
+    import warnings
+
+    import ecospa_fx
+
+    x = torch.randn(2, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        heads = ecospa_fx.compress(PerHeadScaled().eval(), (x,), 0.5, granularity="head")
+        channels = ecospa_fx.compress(PerHeadScaled().eval(), (x,), 0.5, round_to=1)
+    assert heads.ecospa_report.count("head") == 1
+    assert heads.get_parameter("wq").shape == (2, 4) and heads.get_parameter("wk").shape == (2, 4)
+    assert heads.ecospa_report.max_abs_diff < 1e-6
+    assert channels.get_parameter("wq").shape == (4, 2)
+    assert channels.ecospa_report.max_abs_diff < 1e-6

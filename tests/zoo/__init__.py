@@ -29,9 +29,10 @@ from __future__ import annotations
 from .case import KINDS, ZooCase
 from .handwritten import HANDWRITTEN_CASES
 from .hf import HF_CASES
+from .hf_modern import MODERN_CASES
 from .rename import is_renamed_name, renamed
 
-ALL_CASES: list[ZooCase] = [*HF_CASES, *HANDWRITTEN_CASES]
+ALL_CASES: list[ZooCase] = [*HF_CASES, *MODERN_CASES, *HANDWRITTEN_CASES]
 
 _BY_NAME = {c.name: c for c in ALL_CASES}
 assert len(_BY_NAME) == len(ALL_CASES), "duplicate zoo case names"

@@ -1,0 +1,111 @@
+"""Tiny Hugging Face models of the current LLM families (issue 12): qk-norm in its RMS, per-projection and
+centring forms, partial rotary at half of head_dim, clipped q/k/v, and a squared-ReLU FFN.
+
+Same conventions as ``tests/zoo/hf.py`` (2 layers, 4 query heads, GQA 4q/2kv, head_dim 8, int64 ids
+(2, 8), seeded random weights, no hub). What makes each exact is written in its notes.
+"""
+
+from __future__ import annotations
+
+import transformers as tf
+
+from .case import ZooCase
+from .hf import INIT, VOCAB, H, L, _case, _meta, _shape_note
+
+COMMON = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": L,
+    "num_attention_heads": H,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 64,
+    "use_cache": False,
+    "initializer_range": INIT,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def _gemma3() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim",
+              qk_norm="Gemma RMSNorm over head_dim, x * (1 + w)")
+    return _case(
+        "hf_gemma3", tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, **COMMON, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
+        notes=_shape_note(m) + (
+            "Gemma3: q_norm/k_norm are RMSNorms over head_dim scaled by (1 + w); the mean of squares keeps its "
+            "original divisor, the (1 + w) weight is sliced with the channels. Sliding and full attention "
+            "layers, query_pre_attn_scalar pinned by SDPA's scale, GeGLU (gelu_pytorch_tanh) FFN."
+        ),
+    )
+
+
+def _olmo2() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim",
+              qk_norm="RMSNorm over the whole q / k projection")
+    return _case(
+        "hf_olmo2", tf.Olmo2ForCausalLM, tf.Olmo2Config, **COMMON,
+        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
+        notes=_shape_note(m) + (
+            "OLMo2: q_norm/k_norm are RMSNorms over the whole projection (32 and 16 wide) before the view to "
+            "heads; the weight follows the channels one to one, and whole heads keep the original divisor too."
+        ),
+    )
+
+
+def _cohere() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="interleaved, full head_dim",
+              qk_norm="centring LayerNorm over head_dim, per-head weight [H, head_dim]")
+    return _case(
+        "hf_cohere_qk_norm", tf.CohereForCausalLM, tf.CohereConfig, **COMMON, use_qk_norm=True,
+        expect={"qk": 0, "vo": L, "ffn": L}, meta=m, skipped_min=L,
+        notes=_shape_note(m) + (
+            "Cohere with use_qk_norm: a centring LayerNorm over head_dim (x - mean is not 0 where a channel "
+            "was removed), so head_dim qk pruning is inexact and stays dense with that reason. Whole heads "
+            "are exact: the per-head weight [H, head_dim] goes with its head (head granularity)."
+        ),
+    )
+
+
+def _phi() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half on first 4 of 8 dims")
+    return _case(
+        "hf_phi", tf.PhiForCausalLM, tf.PhiConfig, **COMMON, partial_rotary_factor=0.5,
+        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
+        notes=_shape_note(m) + (
+            "Phi-2 style partial rotary at half of head_dim: a rotary pair spans every head, a pass-through "
+            "channel one KV group; one per-head fill plans both (0 units were removed before). Parallel "
+            "attention + MLP on one LayerNorm, biased projections, gelu_new FFN."
+        ),
+    )
+
+
+def _olmo_clip() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim")
+    return _case(
+        "hf_olmo_clip_qkv", tf.OlmoForCausalLM, tf.OlmoConfig, **COMMON, clip_qkv=2.0,
+        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
+        notes=_shape_note(m) + (
+            "OLMo with clip_qkv: q, k, v clamped in place to [-2, 2] (clamp_ of 0 is 0: zero-preserving, "
+            "decided by evaluating the op), non-parametric LayerNorms."
+        ),
+    )
+
+
+def _nemotron() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half on first 4 of 8 dims")
+    return _case(
+        "hf_nemotron_relu2", tf.NemotronForCausalLM, tf.NemotronConfig, **COMMON, head_dim=8,
+        partial_rotary_factor=0.5,
+        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
+        notes=_shape_note(m) + (
+            "Nemotron: squared-ReLU FFN down(relu(up(x))^2) (aten.pow / square from the pointwise registry), "
+            "LayerNorm1P, partial rotary at half of head_dim."
+        ),
+    )
+
+
+MODERN_CASES: list[ZooCase] = [_gemma3(), _olmo2(), _cohere(), _phi(), _olmo_clip(), _nemotron()]
