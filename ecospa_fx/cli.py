@@ -111,9 +111,14 @@ def _mode_flags(p: argparse.ArgumentParser, argparse_default: Any) -> None:
 
 
 def _eval_protocol() -> str:
-    from ecospa_fx import evaluate
+    """The evaluation protocol from ecospa_fx/evaluate.py's docstring, read without importing it (and
+    torch): ``--help`` and ``--version`` answer in well under a second."""
+    import ast
+    import importlib.util
 
-    return "protocol (ecospa_fx/evaluate.py):\n" + evaluate.__doc__.split("\n", 2)[2]
+    origin = importlib.util.find_spec("ecospa_fx.evaluate").origin
+    doc = ast.get_docstring(ast.parse(Path(origin).read_text(encoding="utf-8"))) or ""
+    return "protocol (ecospa_fx/evaluate.py):\n" + doc.split("\n", 2)[2]
 
 
 def _model_arg(p: argparse.ArgumentParser, what: str = "local Hugging Face model directory") -> None:

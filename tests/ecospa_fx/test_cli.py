@@ -121,3 +121,23 @@ def test_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     ]
     with pytest.raises(ecospa_fx.InputError, match="does not exist"):  # --debug: the exception, traceback and all
         main(["--debug", "inspect", str(tmp_path / "missing")])
+
+
+def test_help_and_version_do_not_import_torch():
+    """``ecospa-fx --help`` / ``--version`` answer before torch is imported (it took 4 s before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ecospa_fx.cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "from ecospa_fx.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr

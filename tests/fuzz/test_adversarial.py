@@ -211,7 +211,7 @@ class InplaceClampSigmoid(nn.Module):
     def forward(self, x):
         h = self.up(x)
         h.clamp_(min=-1.0, max=1.0)
-        h.sigmoid_()  # sigmoid(0) != 0: a removed channel would not vanish
+        h.sigmoid_()  # sigmoid(0) != 0, yet exact: the removed channel meets W_down's zeroed column
         return self.down(h)
 
 
@@ -268,13 +268,13 @@ class InplaceOnQKV(nn.Module):
 
 
 INPLACE = [
-    (InplaceRelu, None, "relu_"),
+    (InplaceRelu, {"ffn"}, None),  # relu_ is pointwise in the op registry, and its input has one reader
     (InplaceScaleByParam, {"ffn"}, None),
     (InplaceSliceFill, None, "fill_"),
     (InplaceIndexAdd, None, "index"),
     (InplaceWithOtherReader, None, "in-place op on a tensor that has other readers"),
     (InplaceCopyInto, None, "zeros_like"),
-    (InplaceClampSigmoid, None, "clamp_"),
+    (InplaceClampSigmoid, {"ffn"}, None),  # clamp_/sigmoid_: pointwise; exact because W_down's columns go
     (InplaceZeroThroughView, None, "zero_"),
     (InplaceOnFusedQkvView, {"qk", "vo"}, None),
     (InplaceResidual, {"qk", "vo", "ffn"}, None),
