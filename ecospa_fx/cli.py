@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -219,6 +220,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # no library progress bars (transformers' "Loading weights") into a log file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     ui = Ui(quiet=args.quiet, json_mode=args.json)
     with warnings.catch_warnings():  # filters and the warning printer are the command's only
         if not args.debug:  # library deprecation chatter is not for the user of a command

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ def run_demo(args: argparse.Namespace, ui: Ui) -> int:
     with ui.stage("loading all-MiniLM-L6-v2") as update:
         rows = demo(args.sparsity, args.batch, args.seq, args.repeats, progress=update)
     dense = rows[0]
-    table = Table(title=f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, 2 CPU threads")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    table = Table(title=f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, 2 CPU threads, "
+                        f"models timed round robin, load average {load:.1f}")
     for col in (
         "model",
         "params",
@@ -51,7 +54,7 @@ def run_demo(args: argparse.Namespace, ui: Ui) -> int:
     ui.result(
         f"{last.name}: {last.params / 1e6:.2f}M parameters, cosine {last.cosine:.3f}, onnxruntime "
         f"{dense.ort_ms / last.ort_ms:.2f}x faster",
-        {"rows": [r.__dict__ for r in rows]},
+        {"rows": [r.__dict__ for r in rows], "load_average": load},
     )
     return 0
 

@@ -21,6 +21,7 @@ from torch import nn
 
 import ecospa_fx
 from ecospa_fx.errors import InputError
+from ecospa_fx.export import quiet_exporter
 
 
 class EncoderOutput(nn.Module):
@@ -114,20 +115,25 @@ class Row:
     torch_ms: float
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def round_robin_ms(fns: list, repeats: int) -> list[float]:
+    """Median milliseconds of each of ``fns``, timed round robin (one call of each per round, after one
+    warm-up call each), so a change in the machine's load hits every model alike."""
+    for fn in fns:
         fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1000)
+    return [statistics.median(t) for t in times]
 
 
 def _ort_session(module, inputs, path: Path):
     import onnxruntime as ort
 
-    torch.onnx.export(module, inputs, str(path), dynamo=True, verbose=False)
+    with quiet_exporter():
+        torch.onnx.export(module, inputs, str(path), dynamo=True, verbose=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
@@ -135,9 +141,7 @@ def _ort_session(module, inputs, path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run_demo(
-    sparsities=(0.25, 0.5), batch: int = 8, seq: int = 128, repeats: int = 10, progress=None
-) -> list[Row]:
+def run_demo(sparsities=(0.25, 0.5), batch: int = 8, seq: int = 128, repeats: int = 10, progress=None) -> list[Row]:
     """Compress at each sparsity; return one row per model (dense first)."""
     torch.set_num_threads(2)
     model, tokenizer, model_dir = load_minilm()
@@ -146,9 +150,7 @@ def run_demo(
         raise InputError("the packaged model card has too few sentences for the demo")
     n = len(sentences) // batch * batch
     enc = tokenizer(sentences[:n], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-    batches = [
-        (enc["input_ids"][i : i + batch], enc["attention_mask"][i : i + batch]) for i in range(0, n, batch)
-    ]
+    batches = [(enc["input_ids"][i : i + batch], enc["attention_mask"][i : i + batch]) for i in range(0, n, batch)]
     example = batches[0]
     dense_emb = embed(model, batches)
     rows = []
@@ -158,35 +160,41 @@ def run_demo(
             _tick(progress, f"compressing at {s:.0%}")
             # activation-aware coupled scores from the batches (weight magnitude alone is worse than
             # random on trained models: benchmarks/README.md, Quality)
-            variants.append((f"-{s:.0%}", ecospa_fx.compress(model, example, s, importance="activation",
-                                                                    calibration=batches[:4])))
-        measured = []
-        for name, module in variants:  # eager timings first: no onnxruntime threads alive yet
-            _tick(progress, f"measuring {name}")
-            emb = embed(module, batches)
-            cos = float((emb * dense_emb).sum(-1).mean())
-            top1 = float(
-                (
-                    (emb @ emb.T).fill_diagonal_(-2).argmax(1)
-                    == (dense_emb @ dense_emb.T).fill_diagonal_(-2).argmax(1)
-                )
-                .float()
-                .mean()
+            variants.append(
+                (f"-{s:.0%}", ecospa_fx.compress(model, example, s, importance="activation", calibration=batches[:4]))
             )
-            with torch.no_grad():
-                torch_ms = _median_ms(lambda module=module: module(*example), repeats)
-            measured.append((name, module, cos, top1, torch_ms))
-        for name, module, cos, top1, torch_ms in measured:
-            _tick(progress, f"exporting {name} to ONNX")
-            sess = _ort_session(
-                module, example, Path(tmp) / f"{name.replace(' ', '_').replace('%', '')}.onnx"
-            )
-            feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), example, strict=False)}
-            ort_ms = _median_ms(lambda sess=sess, feeds=feeds: sess.run(None, feeds), repeats)
-            del sess
-            params = sum(p.numel() for p in module.parameters())
-            rows.append(Row(name, params, cos, top1, ort_ms, torch_ms))
+        quality = [_quality(module, batches, dense_emb) for _, module in variants]
+        torch_ms, ort_ms = _timings(variants, example, repeats, Path(tmp), progress)
+        for (name, module), (cos, top1), o_ms, t_ms in zip(variants, quality, ort_ms, torch_ms, strict=True):
+            rows.append(Row(name, sum(p.numel() for p in module.parameters()), cos, top1, o_ms, t_ms))
     return rows
+
+
+def _quality(module, batches, dense_emb) -> tuple[float, float]:
+    """(mean cosine to the dense embeddings, top-1 neighbour agreement with the dense model)."""
+    emb = embed(module, batches)
+    cos = float((emb * dense_emb).sum(-1).mean())
+    mine = (emb @ emb.T).fill_diagonal_(-2).argmax(1)
+    dense = (dense_emb @ dense_emb.T).fill_diagonal_(-2).argmax(1)
+    return cos, float((mine == dense).float().mean())
+
+
+def _timings(variants, example, repeats: int, tmp: Path, progress) -> tuple[list[float], list[float]]:
+    """Median ms per model in eager PyTorch, then in onnxruntime, each timed round robin over the models
+    (eager first: no onnxruntime threads alive yet)."""
+    _tick(progress, "timing eager PyTorch, round robin")
+    with torch.no_grad():
+        torch_ms = round_robin_ms([lambda m=m: m(*example) for _, m in variants], repeats)
+    sessions = []
+    for name, module in variants:
+        _tick(progress, f"exporting {name} to ONNX")
+        sessions.append(_ort_session(module, example, tmp / f"{name.replace(' ', '_').replace('%', '')}.onnx"))
+    _tick(progress, "timing onnxruntime, round robin")
+    calls = []
+    for sess in sessions:
+        feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), example, strict=False)}
+        calls.append(lambda sess=sess, feeds=feeds: sess.run(None, feeds))
+    return torch_ms, round_robin_ms(calls, repeats)
 
 
 def _tick(progress, message: str) -> None:

@@ -177,10 +177,11 @@ def _export_checked(compressed: torch.nn.Module, inputs: tuple, path: Path, opse
     output_names = _output_names(reference)
 
     notes: list[str] = []
-    with _quiet():
+    with quiet_exporter():
         program, requested = _capture(compressed, inputs, dynamic, notes)
         onnx_program, used_opset = _translate(program, opset, notes)
-    onnx_program = _finish(onnx_program, inputs, requested, output_names)
+    with quiet_exporter():
+        onnx_program = _finish(onnx_program, inputs, requested, output_names)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             onnx_program.save(str(path))
@@ -213,19 +214,29 @@ def _export_checked(compressed: torch.nn.Module, inputs: tuple, path: Path, opse
 
 # ------------------------------------------------------------------------------------------ helpers
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporter():
     """Hide the exporter's progress prints, its registry warnings (torchvision ops) and the pytree
     FutureWarnings of deep-copied graph modules; errors still propagate."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+QUIET_LOGGERS = (  # set explicitly: torch configures some child loggers' levels itself
+    "torch.onnx",
+    "torch.onnx._internal.exporter._registration",  # "torchvision is not installed. Skipping ..."
+    "onnxscript",
+    "onnxscript.optimizer._constant_folding",  # "Evaluation failed: ..." while folding constants
+)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
