@@ -295,14 +295,16 @@ def _select_like(ctx: Ctx, node: fx.Node) -> Labels:
 
 @rule("aten::div")
 def _div(ctx: Ctx, node: fx.Node) -> Labels | None:
-    """``x / y``: removed channels of a divisor that varies along them would divide by 0, so a divisor
-    with channel labels is blocked; one that is constant along the channels (a per-head norm, a partial
-    label) is fine, except where whole heads go and it is itself 0 there (``q / q.norm()``)."""
+    """``x / y``, position by position. Where the divisor is 0 at a removed channel (a zeroed weight, or
+    zero-preserving dataflow from one), the masked model divides by 0: blocked. A divisor that is not 0
+    there (``clamp_min(norm, eps)`` in ``F.normalize``, ``1 + |x|``) or constant along the channels (a
+    per-head norm) is fine; a per-head value that is 0 where a whole head is removed blocks head removal."""
     labels = ctx.lab(node.args[1])
-    if labels is not None and any(lab is not None and lab.full for lab in labels):
-        block_input(ctx, node, "division by a tensor that carries channels (removed channels would be 0)")
+    zero = [lab for lab in labels or () if lab is not None and lab.zero_ok]
+    if any(lab.full for lab in zero):
+        block_input(ctx, node, "division by a tensor that is 0 at removed channels (the masked model divides by 0)")
         return None
-    if labels is not None and any(lab is not None and lab.zero_ok for lab in labels):
+    if zero:
         ctx.block_labels(labels, "head", "division by a per-head value that is 0 where the head is removed", node)
     return _elementwise(ctx, node, "mul")
 
