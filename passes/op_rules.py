@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from passes.analyse import Ctx
 from passes.labels import AxisLabel, Labels, spaces_of
-from passes.meet import Operand
+from passes.meet import Operand, letter_sizes, tie_operands
 from passes.view_algebra import NotSeparable, reshape_labels, reshape_segments
 
 Rule = Callable[[Ctx, fx.Node], object]
@@ -637,10 +637,46 @@ def _cat(ctx: Ctx, node: fx.Node) -> Labels | None:
             block_input(ctx, node, "cat joins different channel spaces on one axis")
             return None
         out[d] = along[0].with_arr(np.concatenate([lab.arr for lab in along]))
-    if not _same_off_axis(parts, d):
+    if not _same_off_axis(parts, d) and not _tie_per_head_pieces(ctx, tensors, parts, d, out):
         block_input(ctx, node, "cat of tensors whose other axes carry different channels")
         return None
     return _all_zero(out, parts)
+
+
+def _tie_per_head_pieces(ctx: Ctx, tensors: list, parts: list[Labels], d: int, out: list) -> bool:
+    """``cat([scores, sinks], -1)``: attention scores carry q/k *head blocks* on the head axis, a learned
+    per-head sink logit carries its own full label there. Position h of both is head h, so the sink's
+    entry h goes with head h when whole heads are removed (``block`` ties), and nothing moves when
+    channels inside the heads are. Only this pairing (a partial label against another space's full label
+    on an axis other than ``d``) is accepted; the output keeps the head-block label."""
+    for a in (k for k in range(len(out)) if k != d):
+        labs = [p[a] for p in parts]
+        if all(_same_label(labs[0], lab) for lab in labs[1:]):
+            continue
+        heads = [lab for lab in labs if lab is not None and not lab.full]
+        full = [(t, p) for t, p in zip(tensors, parts, strict=True) if p[a] is not None and p[a].full]
+        if len(heads) != 1 or any(lab is None for lab in labs) or len(heads) + len(full) != len(labs):
+            return False
+        head_op = next(t for t, p in zip(tensors, parts, strict=True) if p[a] is heads[0])
+        for t, p in full:
+            ops = [_axis_operand(ctx, x, lab, a, d, k) for k, (x, lab) in enumerate(((head_op, heads[0]), (t, p[a])))]
+            tie_operands(ctx.facts, ctx.facts.spaces, *ops, letter_sizes(ops))
+        out[a] = heads[0]
+    return True
+
+
+def _same_label(x: AxisLabel | None, y: AxisLabel | None) -> bool:
+    if x is None or y is None:
+        return x is y
+    return x.space == y.space and np.array_equal(x.arr, y.arr)
+
+
+def _axis_operand(ctx: Ctx, tensor, lab: AxisLabel, axis: int, d: int, k: int) -> Operand:
+    """``tensor`` as an operand labelled only on ``axis`` (letter shared with its partner), ``d`` private."""
+    shape = ctx.shape(tensor)
+    letters = [f"cat{k}" if j == d else f"c{j}" for j in range(len(shape))]
+    labels = tuple(lab if j == axis else None for j in range(len(shape)))
+    return Operand(labels, shape, letters, None, ctx.is_weight(tensor))
 
 
 def _all_zero(out: list[AxisLabel | None], parts: list[Labels]) -> Labels:

@@ -142,7 +142,10 @@ def test_export_leaves_every_submodule_mode_as_it_was(tmp_path):
     assert [m.training for m in model.modules()] == before
 
 
-MODERN = ["hf_qwen3", "hf_gemma3", "hf_olmo2", "hf_cohere_qk_norm", "hf_phi", "hf_olmo_clip_qkv", "hf_nemotron_relu2"]
+MODERN = [
+    "hf_qwen3", "hf_gemma3", "hf_olmo2", "hf_cohere_qk_norm", "hf_phi", "hf_olmo_clip_qkv", "hf_nemotron_relu2",
+    "hf_gpt_oss_sinks",
+]
 
 
 @pytest.mark.parametrize(

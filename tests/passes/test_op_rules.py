@@ -367,3 +367,38 @@ def test_per_head_weight_goes_with_its_head():
     assert heads.ecospa_report.max_abs_diff < 1e-6
     assert channels.get_parameter("wq").shape == (4, 2)
     assert channels.ecospa_report.max_abs_diff < 1e-6
+
+
+class SinkAttention(nn.Module):
+    """Attention with a learned per-head sink logit concatenated to the scores (GPT-OSS style)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.sinks = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) * 0.5
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, 1)
+        probs = torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :-1]
+        return x + self.o((probs @ v).transpose(1, 2).reshape(b, s, 16))
+
+
+def test_attention_sink_logits_go_with_their_heads():
+    """Issue 12: the sink logit of head h is removed with head h (head granularity); channel pruning
+    inside the heads leaves it whole. Both exact (verify runs the oracle with probes)."""
+    import warnings
+
+    import ecospa_fx
+
+    x = torch.randn(2, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        heads = ecospa_fx.compress(SinkAttention().eval(), (x,), 0.5, granularity="head")
+        channels = ecospa_fx.compress(SinkAttention().eval(), (x,), 0.5, round_to=1)
+    assert heads.ecospa_report.count("head") == 1 and heads.get_parameter("sinks").shape == (2,)
+    assert channels.ecospa_report.count("qk") == 1 and channels.get_parameter("sinks").shape == (4,)
+    assert heads.ecospa_report.max_abs_diff < 1e-6 and channels.ecospa_report.max_abs_diff < 1e-6

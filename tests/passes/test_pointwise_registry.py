@@ -101,8 +101,8 @@ ACTIVATIONS = {
     "relu_squared": lambda h: F.relu(h).square(),
     "expm1_xielu_like": lambda h: torch.where(h > 0, h * h, torch.expm1(h) - h),
     "clamp_inplace": _clip_,
-    "logsigmoid_not_zero_preserving": F.logsigmoid,
-    "softsign": F.softsign,  # x / (1 + |x|): the divisor is 1, not 0, where a channel was removed  # f(0) != 0: exact only because W_down is zeroed
+    "logsigmoid_not_zero_preserving": F.logsigmoid,  # f(0) != 0: exact only because W_down is zeroed
+    "softsign": F.softsign,  # x / (1 + |x|): the divisor is 1, not 0, where a channel was removed
     "logaddexp_vs_self": lambda h: torch.logaddexp(h, h),
 }
 

@@ -108,4 +108,24 @@ def _nemotron() -> ZooCase:
     )
 
 
-MODERN_CASES: list[ZooCase] = [_gemma3(), _olmo2(), _cohere(), _phi(), _olmo_clip(), _nemotron()]
+def _gpt_oss_post(config):
+    config._experts_implementation = "batched_mm"  # the grouped_mm fallback has no ONNX translation
+
+
+def _gpt_oss() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half (YaRN), full head_dim", experts=4)
+    return _case(
+        "hf_gpt_oss_sinks", tf.GptOssForCausalLM, tf.GptOssConfig, **COMMON, head_dim=8, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        post=_gpt_oss_post, attn="eager",
+        expect={"qk": L, "vo": L}, meta=m,
+        notes=_shape_note(m) + (
+            "GPT-OSS: a learned per-head sink logit is concatenated to the attention scores (cat on the key "
+            "axis, softmax, drop the sink column); the sink of head h goes with head h at head granularity and "
+            "stays whole when head_dim channels go. Routed experts (3-D weights gathered by router indices) "
+            "stay dense with the reason."
+        ),
+    )
+
+
+MODERN_CASES: list[ZooCase] = [_gemma3(), _olmo2(), _cohere(), _phi(), _olmo_clip(), _nemotron(), _gpt_oss()]
