@@ -43,9 +43,12 @@ def _visit(ctx: Ctx, node: fx.Node, params: dict[str, torch.Tensor]):
         _fail_closed(ctx, node, name)
         return None
     out = rule(ctx, node)
-    if name in COPY_OR_SHAPE and node.args and ctx.is_weight(node.args[0]):
+    if (name in COPY_OR_SHAPE or name in WEIGHT_GATHERS) and node.args and ctx.is_weight(node.args[0]):
         ctx.analysis.weight_nodes.add(node.name)
     return out
+
+
+WEIGHT_GATHERS = {"aten::index"}  # W[expert_ids]: still the weight's values (zeroed where the mask zeroes W)
 
 
 def _fail_closed(ctx: Ctx, node: fx.Node, what: str) -> None:

@@ -594,6 +594,8 @@ def _index(ctx: Ctx, node: fx.Node) -> Labels | None:
     indices = list(node.args[1])
     used = [k for k, ix in enumerate(indices) if ix is not None]
     const = ctx.constant(indices[used[0]]) if len(used) == 1 else None
+    if const is None and len(used) == 1 and _gathers_whole_rows(ctx, node, labels, used[0]):
+        return _gathered_rows(ctx, node, labels, used[0])
     if const is None or const.ndim != 1 or const.dtype == torch.bool:
         block_input(ctx, node, "advanced indexing with data-dependent or multi-axis indices")
         return None
@@ -608,6 +610,32 @@ def _index(ctx: Ctx, node: fx.Node) -> Labels | None:
             block_input(ctx, node, "constant index that reorders channels")
             return None
     return tuple(out)
+
+
+def _gathers_whole_rows(ctx: Ctx, node: fx.Node, labels: Labels, d: int) -> bool:
+    """``x[ids]`` with a data-dependent 1-D integer index along axis ``d`` picks whole slices: channels on
+    the other axes are not mixed. Fine when axis ``d`` carries no channel label (token gathers) or when x
+    is a weight whose axis ``d`` is its own space (a routed expert bank ``W[expert_ids]``)."""
+    index = node.args[1][d]
+    val = index.meta.get("val") if isinstance(index, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.ndim != 1 or val.dtype in (torch.bool, torch.uint8):
+        return False
+    lab = labels[d]
+    if lab is None:
+        return True
+    own = [x for x in labels if x is not None and x.space == lab.space]
+    return ctx.is_weight(node.args[0]) and len(own) == 1 and lab.full
+
+
+def _gathered_rows(ctx: Ctx, node: fx.Node, labels: Labels, d: int) -> Labels:
+    """Labels of ``x[ids]``: axis ``d`` now indexes the gathered rows (no channel label); a weight's row
+    space (the expert axis) cannot be pruned through data-dependent routing and is blocked."""
+    lab = labels[d]
+    if lab is not None:
+        only = tuple(x if x is lab else None for x in labels)
+        reason = "expert axis gathered by data-dependent routing indices: whole experts are not removed"
+        ctx.block_labels(only, "all", reason, node)
+    return tuple(None if k == d else x for k, x in enumerate(labels))
 
 
 def _is_outer_axis(labels: Labels, d: int) -> bool:

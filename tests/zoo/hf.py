@@ -554,7 +554,7 @@ def _mixtral() -> ZooCase:
         use_cache=False,
         initializer_range=INIT,
         router_jitter_noise=0.0,
-        expect={"qk": L, "vo": L, "ffn": 0},
+        expect={"qk": L, "vo": L, "ffn": L},
         meta=m,
         notes=_shape_note(m)
         + (
@@ -564,8 +564,9 @@ def _mixtral() -> ZooCase:
             "gate|up, silu*mul, bmm with down_proj[expert_ids]; router = Linear(32->4) + softmax + topk. "
             "ffn expected 1/layer = 2: the intermediate axis is ONE tensor axis shared by all experts, "
             "so a dim-based discovery gives one group per layer (all experts keep the same channel "
-            "index set). A per-expert discovery would give L*E = 8; either is defensible. "
-            "GQA 4q/2kv with shared RoPE -> qk 1/layer; vo 1/layer."
+            "index set). A per-expert discovery would give L*E = 8; either is defensible. Routing gathers "
+            "whole expert rows (W[expert_ids]), which mixes no FFN channel; the expert axis itself stays "
+            "whole (reported). GQA 4q/2kv with shared RoPE -> qk 1/layer; vo 1/layer."
         ),
     )
 

@@ -118,12 +118,12 @@ def _gpt_oss() -> ZooCase:
         "hf_gpt_oss_sinks", tf.GptOssForCausalLM, tf.GptOssConfig, **COMMON, head_dim=8, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
         post=_gpt_oss_post, attn="eager",
-        expect={"qk": L, "vo": L}, meta=m,
+        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
         notes=_shape_note(m) + (
             "GPT-OSS: a learned per-head sink logit is concatenated to the attention scores (cat on the key "
             "axis, softmax, drop the sink column); the sink of head h goes with head h at head granularity and "
-            "stays whole when head_dim channels go. Routed experts (3-D weights gathered by router indices) "
-            "stay dense with the reason."
+            "stays whole when head_dim channels go. Routed experts (3-D weights with biases, W[expert_ids], "
+            "clamped SwiGLU with interleaved gate/up) lose the same FFN channels in every expert."
         ),
     )
 
