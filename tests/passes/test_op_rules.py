@@ -402,3 +402,34 @@ def test_attention_sink_logits_go_with_their_heads():
     assert heads.ecospa_report.count("head") == 1 and heads.get_parameter("sinks").shape == (2,)
     assert channels.ecospa_report.count("qk") == 1 and channels.get_parameter("sinks").shape == (4,)
     assert heads.ecospa_report.max_abs_diff < 1e-6 and channels.ecospa_report.max_abs_diff < 1e-6
+
+
+class TokenGather(nn.Module):
+    """``h[:, ids]`` gathers tokens (an unlabelled axis) by data-dependent ids; ``h[..., ids]`` would gather
+    channels."""
+
+    def __init__(self, on_channels: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.on_channels = on_channels
+
+    def forward(self, x, ids):
+        h = F.gelu(self.up(x))
+        h = h[..., ids] if self.on_channels else h[:, ids]
+        return self.down(h) if not self.on_channels else h.sum(-1)
+
+
+def test_data_dependent_gather_of_tokens_keeps_channels_and_of_channels_blocks():
+    import warnings
+
+    import ecospa_fx
+
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokens = ecospa_fx.compress(TokenGather(False).eval(), (x, torch.tensor([4, 0, 2])), 0.5, round_to=1)
+        channels = ecospa_fx.discover(TokenGather(True).eval(), (x, torch.tensor([3, 1])))
+    assert tokens.ecospa_report.count("ffn") == 1 and tokens.ecospa_report.max_abs_diff < 1e-6
+    assert channels.count("ffn") == 0
+    assert any("data-dependent" in r for s in channels.skipped for r in s.reasons), channels.summary()
