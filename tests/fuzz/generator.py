@@ -34,7 +34,9 @@ equal q/k/v widths, ``enable_gqa`` needs SDPA, rotary needs an even head_dim). C
   ``t`` of shape [B, S, 1] whose *example* value is 0, or a literal constant), a sum or mean over v's or
   the FFN hidden channels (added to the stream or returned as an auxiliary output), an FFN down
   projection held in a buffer, and a sigmoid FFN (f(0) != 0). A removed channel then is not 0 in the
-  masked model, and any sum over it must leave the group dense; the truth says which.
+  masked model, and any sum over it must leave the group dense; the truth says which;
+* GPT-OSS attention sinks (a per-head logit appended to the scores, matmul attention) and a routed-experts
+  FFN (3-D weights gathered by data-dependent top-1 router ids).
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class Spec:
     reduce: str = "none"
     aux_output: bool = False  # the reduction is returned as a second output instead of added to the stream
     down_buffer: bool = False  # the FFN down projection is a buffer (x @ B), not a Parameter
+    sinks: bool = False  # per-head sink logits appended to the scores (matmul attention only)
+    experts: int = 0  # > 0: a routed-experts FFN (3-D weights gathered by top-1 router ids), not a dense one
     name_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -167,7 +171,7 @@ class Spec:
     @property
     def ffn_zero(self) -> bool:
         """Removed FFN hidden channels are 0 after the activation in the masked model."""
-        if self.ffn in GLU:
+        if self.ffn in GLU or self.experts:  # the expert FFN takes no offset, reduction or buffer
             return True
         return self.ffn != "sigmoid" and not (self.offset != "none" and self.offset_at == "ffn")
 
@@ -179,7 +183,7 @@ class Spec:
 
     @property
     def ffn_blocked(self) -> bool:
-        return not self.ffn_zero and (self.reduce in ("ffn_sum", "ffn_mean") or self.down_buffer)
+        return not self.experts and not self.ffn_zero and (self.reduce in ("ffn_sum", "ffn_mean") or self.down_buffer)
 
     def summary(self) -> str:
         """One line for humans (hypothesis events, logs)."""
@@ -204,6 +208,10 @@ class Spec:
             parts.append(f"reduce={self.reduce}{'(aux)' if self.aux_output else ''}")
         if self.down_buffer:
             parts.append("down=buffer")
+        if self.sinks:
+            parts.append("sinks")
+        if self.experts:
+            parts.append(f"experts={self.experts}")
         return (" " + " ".join(parts)) if parts else ""
 
     def code(self) -> str:
@@ -474,6 +482,8 @@ class Attention(_Roles):
         else:
             self.put("qkv", make_proj(spec, names, d, qw + 2 * kw, b))
         self.put("o", make_proj(spec, names, qw, d, b))
+        if spec.sinks and spec.attention == "matmul" and not cross:
+            self.put("sinks", nn.Parameter(torch.randn(nh)))
         if spec.qk_norm:
             whole = spec.qk_norm_over == "proj"
             self.put("qn", QkNorm(names, qw if whole else hd, spec.qk_norm_style))
@@ -617,8 +627,8 @@ class Attention(_Roles):
         else:
             k, v = self._repeat(k, 1), self._repeat(v, 1)
             if s.attention == "matmul":
-                scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(hd)
-                y = torch.matmul(self._masked(scores, mask, n, m).softmax(-1), v)
+                scores = self._masked(torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(hd), mask, n, m)
+                y = torch.matmul(self._with_sinks(scores).softmax(-1)[..., :m], v)
             else:  # bmm on [B*H, S, D]
                 qf = q.reshape(b * nh, n, hd)
                 kf = k.reshape(b * nh, m, hd)
@@ -628,6 +638,15 @@ class Attention(_Roles):
                 y = torch.bmm(p.reshape(b * nh, n, m), vf).view(b, nh, n, hd)
         y = y.transpose(1, 2).reshape(b, n, nh * hd)
         return self.get("o")(y)
+
+    def _with_sinks(self, scores):
+        """GPT-OSS attention sinks: a learned per-head logit appended to every row of the scores (its
+        softmax share is dropped afterwards)."""
+        sinks = self.get("sinks")
+        if sinks is None:
+            return scores
+        b, h, n, _ = scores.shape
+        return torch.cat([scores, sinks.reshape(1, h, 1, 1).expand(b, h, n, 1)], dim=-1)
 
     def _masked(self, scores, mask, n, m):
         if self._mask == "causal":
@@ -641,6 +660,31 @@ class Attention(_Roles):
 
 
 # -------------------------------------------------------------------------------------------- FFN
+
+
+class RoutedExperts(_Roles):
+    """A routed-experts FFN (Mixtral / GPT-OSS shape): 3-D expert weights gathered per token by top-1 router
+    ids (``W[ids]``, data-dependent), bmm, gelu, bmm back, scaled by the router's probability."""
+
+    def __init__(self, spec: Spec, names: _Names):
+        super().__init__(names)
+        d, f, e = spec.hidden, spec.ffn_dim, spec.experts
+        self.put("router", nn.Linear(d, e))
+        self.put("w_in", nn.Parameter(torch.randn(e, f, d) / math.sqrt(d)))
+        self.put("w_out", nn.Parameter(torch.randn(e, d, f) / math.sqrt(f)))
+
+    def forward(self, x, t=None):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        logits = self.get("router")(x2)
+        weight, ids = logits.softmax(-1).max(-1)
+        h = F.gelu(torch.bmm(self.get("w_in")[ids], x2.unsqueeze(-1)).squeeze(-1))
+        y = torch.bmm(self.get("w_out")[ids], h.unsqueeze(-1)).squeeze(-1) * weight.unsqueeze(-1)
+        return y.reshape(shape), None
+
+
+def make_ffn(spec: Spec, names: _Names) -> nn.Module:
+    return RoutedExperts(spec, names) if spec.experts else FeedForward(spec, names)
 
 
 class FeedForward(_Roles):
@@ -716,7 +760,7 @@ class Block(_Roles):
         if spec.cross != "none":
             self.put("nc", make_norm(spec, names, d))
             self.put("xattn", Attention(spec, names, cross=True))
-        self.put("ffn", FeedForward(spec, names))
+        self.put("ffn", make_ffn(spec, names))
 
     def forward(self, x, mem=None, rope=None, t=None):
         """(hidden, auxiliary reductions or None); without ``aux_output`` they are added to the stream."""
@@ -901,6 +945,8 @@ def specs(draw) -> Spec:
         mem_dim=draw(st.sampled_from([16, hidden, 12, 20])) if cross != "none" else 16,
         mask=draw(st.sampled_from(MASKS)),
         **draw(zero_adversary()),
+        sinks=attention == "matmul" and draw(st.booleans()),
+        experts=draw(st.sampled_from([0, 0, 0, 2, 4])),
         name_seed=draw(st.integers(0, 2**16)),
     )
 
