@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from passes.coupling_state import Contraction, CouplingFacts, unique_ids
-from passes.labels import AxisLabel, Labels, identity_label, spaces_of
+from passes.labels import AxisLabel, Labels, identity_label, in_whole_blocks, of_space, spaces_of
 from passes.meet import Operand, gqa_expand, letter_sizes, tie_operands
 
 LabelValue = Labels | list[Any] | None
@@ -220,7 +220,7 @@ class Ctx:
             for op, lab in carriers:
                 if self.facts.spaces[lab.space].is_virtual:
                     continue
-                only = tuple(x if x is not None and x.space == lab.space else None for x in op.labels)
+                only = of_space(op.labels, lab.space)
                 scope = "head" if not lab.full else ("channel" if _blocks_survive(op, ch, out_letters) else "all")
                 self.block_labels(only, scope, "a sum over channels whose removed entries are not zero in the "
                                   "masked model (an offset, a constant/buffer operand or an op with f(0) != 0 "
@@ -301,10 +301,7 @@ def _is_block_axis(operands: list[Operand], letter: str) -> bool:
         if not lab.full:
             return True
         others = [o for ch, o in op.letter_labels().items() if ch != letter and o.space == lab.space]
-        if not others:
-            return False
-        extent = 1 + sum(int(np.ptp(o.arr)) for o in others)
-        return bool(np.all(lab.arr % extent == 0))
+        return in_whole_blocks([lab], others)
     return False
 
 
@@ -314,8 +311,7 @@ def _blocks_survive(op: Operand, letter: str, out_letters: list[str]) -> bool:
     lab = op.letter_labels()[letter]
     kept = [o for ch, o in op.letter_labels().items() if o.space == lab.space and ch in out_letters]
     gone = [o for ch, o in op.letter_labels().items() if o.space == lab.space and ch not in out_letters]
-    extent = 1 + sum(int(np.ptp(o.arr)) for o in gone)
-    return bool(kept) and all(bool(np.all(o.arr % extent == 0)) for o in kept)
+    return in_whole_blocks(kept, gone)
 
 
 def _survivor(op: Operand, lab: AxisLabel, out_letters: list[str]) -> AxisLabel:

@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from passes.op_rules import schema_name
+
 
 class CaptureInputError(ValueError):
     """The model or its example inputs cannot be captured as given."""
@@ -150,7 +152,7 @@ def dtype_mismatch(gm: fx.GraphModule) -> str | None:
     exporter traces such a graph without complaint; it only fails when run."""
     inputs = {n.name: k for k, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or _schema(node.target) not in _SAME_DTYPE_OPS:
+        if node.op != "call_function" or schema_name(node.target) not in _SAME_DTYPE_OPS:
             continue
         vals = [(a, a.meta.get("val")) for a in node.args if isinstance(a, fx.Node)]
         dtypes = {v.dtype for _, v in vals if isinstance(v, torch.Tensor)}
@@ -160,17 +162,12 @@ def dtype_mismatch(gm: fx.GraphModule) -> str | None:
         which = ", ".join(f"input {inputs[n.name]} is {n.meta['val'].dtype}" for n in fed
                           if isinstance(n.meta.get("val"), torch.Tensor)) or "the inputs"
         return (
-            f"dtype mismatch: {_schema(node.target)} (node {node.name}) gets tensors of dtypes "
+            f"dtype mismatch: {schema_name(node.target)} (node {node.name}) gets tensors of dtypes "
             f"{sorted(str(d) for d in dtypes)}; {which}. Pass example inputs of the dtype the model expects "
             "(e.g. x.float() for a model whose first op is a Linear; integer token ids only for models that "
             "start with an embedding)"
         )
     return None
-
-
-def _schema(target: Any) -> str:
-    schema = getattr(target, "_schema", None)
-    return schema.name if schema is not None else ""
 
 
 def _input_ancestors(node: fx.Node) -> list[fx.Node]:

@@ -88,5 +88,20 @@ def channel_grid(labels: Labels, space: int, axes: list[int], grid_axes: list[in
     return grid[..., None] + offsets.reshape([1] * len(grid_axes) + [-1])
 
 
+def of_space(labels: Labels, space: int) -> Labels:
+    """``labels`` with every axis that does not carry ``space`` set to None."""
+    return tuple(lab if lab is not None and lab.space == space else None for lab in labels)
+
+
+def in_whole_blocks(outer: list[AxisLabel], inner: list[AxisLabel]) -> bool:
+    """Every channel offset of the ``outer`` axes is a multiple of the extent the ``inner`` axes span
+    (``1 + sum(ptp)``): the outer axes index whole blocks (heads) of the inner ones (head_dim). False when
+    either side is empty."""
+    if not outer or not inner:
+        return False
+    extent = 1 + sum(int(np.ptp(lab.arr)) for lab in inner)
+    return all(bool(np.all(lab.arr % extent == 0)) for lab in outer)
+
+
 def is_full(labels: Labels, axes: list[int]) -> bool:
     return all(labels[a] is not None and labels[a].full for a in axes)  # type: ignore[union-attr]

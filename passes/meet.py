@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from passes.labels import AxisLabel, Labels, spaces_of
+from passes.labels import AxisLabel, Labels, in_whole_blocks, spaces_of
 
 
 @dataclass
@@ -111,11 +111,7 @@ def _head_axis(op: Operand, letter: str, space: int) -> bool:
     """``letter`` indexes whole blocks of ``space`` in ``op``: its channel offsets are multiples of the
     extent of the space's other axes."""
     labs = op.letter_labels()
-    others = [lab for ch, lab in labs.items() if ch != letter and lab.space == space]
-    if not others:
-        return False
-    extent = 1 + sum(int(np.ptp(lab.arr)) for lab in others)
-    return bool(np.all(labs[letter].arr % extent == 0))
+    return in_whole_blocks([labs[letter]], [lab for ch, lab in labs.items() if ch != letter and lab.space == space])
 
 
 def _carries(op: Operand, letter: str, space: int) -> bool:

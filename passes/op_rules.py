@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from passes.analyse import Ctx
-from passes.labels import AxisLabel, Labels, spaces_of
+from passes.labels import AxisLabel, Labels, in_whole_blocks, of_space, spaces_of
 from passes.meet import Operand, letter_sizes, tie_operands
 from passes.view_algebra import NotSeparable, reshape_labels, reshape_segments
 
@@ -156,9 +156,7 @@ def pointwise_rule(ctx: Ctx, node: fx.Node) -> Labels | None:
     if isinstance(node.meta.get("val"), (tuple, list)):
         block_input(ctx, node, f"elementwise op {schema_name(node.target)} with several outputs")
         return None
-    target = node.args[0] if node.args else None
-    if schema_name(node.target).endswith("_") and isinstance(target, fx.Node) and len(target.users) > 1:
-        block_input(ctx, node, "in-place op on a tensor that has other readers")
+    if schema_name(node.target).endswith("_") and _blocks_shared_inplace(ctx, node):
         return None
     tensors = list(_tensor_args(node))
     if len(tensors) == 1:
@@ -276,11 +274,19 @@ def _additive(ctx: Ctx, node: fx.Node) -> Labels:
 @rule("aten::add_", "aten::sub_", "aten::mul_")
 def _inplace(ctx: Ctx, node: fx.Node) -> Labels | None:
     """In-place update: exact like its functional twin when nothing else reads the mutated input."""
-    target = node.args[0]
-    if isinstance(target, fx.Node) and len(target.users) > 1:
-        block_input(ctx, node, "in-place op on a tensor that has other readers")
+    if _blocks_shared_inplace(ctx, node):
         return None
     return _elementwise(ctx, node, "mul" if schema_name(node.target) == "aten::mul_" else "add")
+
+
+def _blocks_shared_inplace(ctx: Ctx, node: fx.Node) -> bool:
+    """An in-place op whose mutated input has other readers: they would see the new values, which the
+    label analysis does not follow. Blocks it (True) so that it fails closed."""
+    target = node.args[0] if node.args else None
+    if isinstance(target, fx.Node) and len(target.users) > 1:
+        block_input(ctx, node, "in-place op on a tensor that has other readers")
+        return True
+    return False
 
 
 @rule(*MULTIPLICATIVE)
@@ -604,8 +610,7 @@ def _index(ctx: Ctx, node: fx.Node) -> Labels | None:
     if out[d] is not None:
         out[d] = out[d].with_arr(out[d].arr[const.numpy()])
         if _is_outer_axis(labels, d):  # whole positions of this axis cannot be renumbered in place
-            only = tuple(lab if lab is not None and lab.space == labels[d].space else None for lab in labels)
-            ctx.block_labels(only, "head", "constant index over a head axis", node)
+            ctx.block_labels(of_space(labels, labels[d].space), "head", "constant index over a head axis", node)
         elif not np.array_equal(const.numpy(), np.arange(len(const))):
             block_input(ctx, node, "constant index that reorders channels")
             return None
@@ -641,8 +646,7 @@ def _gathered_rows(ctx: Ctx, node: fx.Node, labels: Labels, d: int) -> Labels:
 def _is_outer_axis(labels: Labels, d: int) -> bool:
     lab = labels[d]
     others = [o for k, o in enumerate(labels) if k != d and o is not None and o.space == lab.space]
-    extent = 1 + sum(int(np.ptp(o.arr)) for o in others)
-    return bool(others) and bool(np.all(lab.arr % extent == 0))
+    return in_whole_blocks([lab], others)
 
 
 # ---------------------------------------------------------------------------------- joining
@@ -786,11 +790,9 @@ def _block_if_reduced(ctx: Ctx, node: fx.Node, labels: Labels, axes: list[int], 
             continue
         hit = True
         kept = [a for a in space_axes if a not in axes]
-        extent = 1 + sum(int(np.ptp(labels[g].arr)) for g in gone)
-        inner = bool(kept) and all(np.all(labels[k].arr % extent == 0) for k in kept)
-        only = tuple(lab if lab is not None and lab.space == space else None for lab in labels)
+        inner = in_whole_blocks([labels[k] for k in kept], [labels[g] for g in gone])
         ctx.block_labels(
-            only,
+            of_space(labels, space),
             "channel" if inner else "all",
             f"{what} over a channel axis (removing channels would change it)",
             node,

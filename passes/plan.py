@@ -75,11 +75,7 @@ def why_nothing_removed(group: CoupledUnits, facts: CouplingFacts, settings: Pla
         n = len(group.units)
         return (f"the keep count rounds to all {n} units (sparsity {settings.sparsity:g}, "
                 f"round_to {settings.round_to})")
-    totals: dict[int, int] = {}
-    for w in _unit_widths(group, facts):
-        for code, c in w.items():
-            totals[code] = totals.get(code, 0) + c
-    width = max(totals.values())
+    width = max(_block_totals(_unit_widths(group, facts)).values())
     if keep_count(width, settings.sparsity, settings.round_to) >= width:
         return f"the per-head keep count rounds to the full {width} (round_to {settings.round_to})"
     return ("no per-head channel count below the full width fits every head (its units hold different "
@@ -101,16 +97,21 @@ def _unit_widths(group: CoupledUnits, facts: CouplingFacts) -> list[dict[int, in
     return widths
 
 
+def _block_totals(widths: list[dict[int, int]]) -> dict[int, int]:
+    """Channels per head block over all units (the full per-head width of the group)."""
+    totals: dict[int, int] = {}
+    for w in widths:
+        for code, c in w.items():
+            totals[code] = totals.get(code, 0) + c
+    return totals
+
+
 def _plan_blocks(group, scores, facts, settings) -> np.ndarray:
     """Every head block keeps the same channel count ``t``: one greedy fill over all units at once, since
     families may share blocks (partial rotary: a rotary pair spans every head, a pass-through channel one
     head; filling each family to ``t`` on its own kept ``2 t`` per block, i.e. everything)."""
     widths = _unit_widths(group, facts)
-    block_total: dict[int, int] = {}
-    for w in widths:
-        for code, c in w.items():
-            block_total[code] = block_total.get(code, 0) + c
-    n_block = max(block_total.values())
+    n_block = max(_block_totals(widths).values())
     target = keep_count(n_block, settings.sparsity, settings.round_to)
     # step down from the target; if nothing that small fits (a rotary pair is 2 wide), step up
     for t in [*range(target, 0, -1), *range(target + 1, n_block + 1)]:

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from passes.analyse import Analysis, arg_at, concrete
 from passes.compaction import CompactionError, new_sizes, remap_index, remap_slice
-from passes.labels import Labels
+from passes.labels import Labels, of_space
 from passes.op_rules import arg, norm_dim, reduced_axes, schema_name
 
 aten = torch.ops.aten
@@ -60,7 +60,7 @@ def preflight(analysis: Analysis, keep: np.ndarray) -> dict[int, str]:
                 continue
             shape = [len(lab.arr) if lab is not None else 1 for lab in labels]
             for space in {lab.space for lab in labels if lab is not None}:
-                only = tuple(lab if lab is not None and lab.space == space else None for lab in labels)
+                only = of_space(labels, space)
                 try:
                     new_sizes(only, shape, keep, spaces)
                     for axis, lab in enumerate(only):
