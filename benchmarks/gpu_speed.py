@@ -19,12 +19,30 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import ecospa_fx
 
 SHAPES = {
-    "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                    "num_key_value_heads": 3, "vocab_size": 49152},
-    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "vocab_size": 128256},
-    "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-               "num_key_value_heads": 8, "vocab_size": 128256},
+    "smollm2": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+    },
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+    },
+    "3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+    },
 }
 
 
@@ -87,8 +105,11 @@ def main() -> None:
                 comp_e = eager_ms(lambda ids=ids, c=compressed: c(ids), args.repeats)
                 dense_g = graph_ms(dense, ids, args.repeats)
                 comp_g = graph_ms(compressed, ids, args.repeats)
-                print(f"{shape:8s}  {gran:7s}  {b}x{s:<4d}  {ratio:5.2f}  {dense_e:8.2f}/{comp_e:8.2f}  "
-                      f"{dense_e / comp_e:6.2f}x  {dense_g:8.2f}/{comp_g:8.2f}  {dense_g / comp_g:6.2f}x", flush=True)
+                print(
+                    f"{shape:8s}  {gran:7s}  {b}x{s:<4d}  {ratio:5.2f}  {dense_e:8.2f}/{comp_e:8.2f}  "
+                    f"{dense_e / comp_e:6.2f}x  {dense_g:8.2f}/{comp_g:8.2f}  {dense_g / comp_g:6.2f}x",
+                    flush=True,
+                )
                 del dense, compressed
         del model
         torch.cuda.empty_cache()

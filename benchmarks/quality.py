@@ -109,8 +109,14 @@ class Prunable:
         inputs = ScoreInputs(self.gm, facts, self.params, labels, calibration)
         return sink_means(inputs, wanted_mask(facts, self.groups))
 
-    def compressed(self, scores, sparsity: float, allocation: str = "uniform", budget: str = "channels",
-                   means: SinkMeans | None = None):
+    def compressed(
+        self,
+        scores,
+        sparsity: float,
+        allocation: str = "uniform",
+        budget: str = "channels",
+        means: SinkMeans | None = None,
+    ):
         facts = self.analysis.facts
         settings = PlanSettings(sparsity, 1, "channel", allocation, budget, 0.9)
         costs = unit_costs(self.groups, facts, self.params, budget)
@@ -235,8 +241,13 @@ def _tp_on_llama(queue) -> None:
                 heads[m.q_proj] = config.num_attention_heads
                 heads[m.k_proj] = heads[m.v_proj] = config.num_key_value_heads
         pruner = tp.pruner.MetaPruner(
-            model, ids, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.2,
-            num_heads=heads, prune_head_dims=True, ignored_layers=[model.model.lm_head],
+            model,
+            ids,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=0.2,
+            num_heads=heads,
+            prune_head_dims=True,
+            ignored_layers=[model.model.lm_head],
         )
         groups = list(pruner.step(interactive=True))
         queue.put(("done", len(groups)))
@@ -292,14 +303,16 @@ def bench_smollm2(args, log) -> dict:
     log(f"dense perplexity {dense_ppl:.2f} ({dense_s:.0f} s)")
     out = {
         "protocol": {
-            "seq": args.seq, "calibration": f"{args.calib} windows of {args.seq} tokens evenly spaced over "
+            "seq": args.seq,
+            "calibration": f"{args.calib} windows of {args.seq} tokens evenly spaced over "
             f"{'+'.join(CALIBRATION_NOVELS)} ({len(calib_ids)} tokens)",
             "evaluation": f"{args.eval_windows} non-overlapping windows of {args.seq} tokens evenly spaced over "
             f"{EVAL_NOVEL} ({len(eval_ids)} tokens); stride = window, no carried context; "
             f"{args.eval_windows * (args.seq - 1)} predicted tokens",
         },
         "dense": {"ppl": dense_ppl, "params": n_params(prunable.gm)},
-        "rows": {}, "timings": {"dense_eval_s": dense_s},
+        "rows": {},
+        "timings": {"dense_eval_s": dense_s},
     }
     cache: dict[str, list] = {}
     for row in args.rows:
@@ -316,8 +329,9 @@ def bench_smollm2(args, log) -> dict:
             out["timings"]["compensation_means_s"] = time.time() - t0
         for ratio in args.ratios:
             t0 = time.time()
-            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget,
-                                             cache.get("means") if spec.compensate else None)
+            compressed = prunable.compressed(
+                scores, ratio, spec.allocation, spec.budget, cache.get("means") if spec.compensate else None
+            )
             ppl = float("nan") if spec.plan_only else perplexity(compressed, evaluation)
             cell = {"ppl": ppl, "params": n_params(compressed)}
             if spec.allocation == "global":
@@ -379,12 +393,17 @@ def calibration_cost(args, log) -> dict:
     cfg = model.model.config
     layer_acts = 512 * (4 * cfg.hidden_size + 2 * cfg.intermediate_size + 3 * cfg.hidden_size) * 4
     out = {
-        "windows": len(batches), "seq": 512, "calibration_s_per_window": statistics.median(calib),
+        "windows": len(batches),
+        "seq": 512,
+        "calibration_s_per_window": statistics.median(calib),
         "plain_forward_s": statistics.median(forward),
         "ratio_median": statistics.median(c / f for c, f in zip(calib, forward, strict=True)),
-        "all_windows_one_call_s": all_s, "extrapolated_64x512_s": 64 * all_s / len(batches),
-        "peak_rss_above_model_mb": (peak[0] - base) / 2**20, "logits_mb": 512 * cfg.vocab_size * 4 / 2**20,
-        "model_fp32_mb": n_params(prunable.gm) * 4 / 2**20, "one_layer_activations_mb": layer_acts / 2**20,
+        "all_windows_one_call_s": all_s,
+        "extrapolated_64x512_s": 64 * all_s / len(batches),
+        "peak_rss_above_model_mb": (peak[0] - base) / 2**20,
+        "logits_mb": 512 * cfg.vocab_size * 4 / 2**20,
+        "model_fp32_mb": n_params(prunable.gm) * 4 / 2**20,
+        "one_layer_activations_mb": layer_acts / 2**20,
         "load_avg": Path("/proc/loadavg").read_text().split()[:3],
     }
     log(f"calibration check: {out}")
@@ -428,8 +447,15 @@ def torch_pruning_minilm(model, example, ratio: float, importance: str, calibrat
     }[importance]
     ignored = [bert.embeddings] + ([bert.pooler] if getattr(bert, "pooler", None) is not None else [])
     pruner = tp.pruner.MetaPruner(
-        pruned, example, importance=imp, pruning_ratio=ratio, num_heads=heads, prune_head_dims=True,
-        prune_num_heads=False, ignored_layers=ignored, forward_fn=lambda m, x: m(*x),
+        pruned,
+        example,
+        importance=imp,
+        pruning_ratio=ratio,
+        num_heads=heads,
+        prune_head_dims=True,
+        prune_num_heads=False,
+        ignored_layers=ignored,
+        forward_fn=lambda m, x: m(*x),
     )
     if importance == "taylor":
         pruned.zero_grad()
@@ -486,7 +512,10 @@ def bench_minilm(args, log) -> dict:
                 pruned = torch_pruning_minilm(model, calibration[0], ratio, imp, calibration)
                 cos, top1 = fidelity(pruned, dense_emb, evaluation)
                 out["rows"].setdefault(f"torch-pruning {imp}", {})[str(ratio)] = {
-                    "cos": cos, "top1": top1, "params": n_params(pruned)}
+                    "cos": cos,
+                    "top1": top1,
+                    "params": n_params(pruned),
+                }
                 log(f"  minilm TP {imp} {ratio:.0%}: cos {cos:.4f} top1 {top1:.3f} params {n_params(pruned):,}")
             except Exception as err:
                 out["rows"].setdefault(f"torch-pruning {imp}", {})[str(ratio)] = {"error": str(err)[:200]}
@@ -500,8 +529,11 @@ def markdown(results: dict) -> str:
     if "smollm2" in results:
         r = results["smollm2"]
         ratios = sorted({k for row in r["rows"].values() for k in row}, key=float)
-        lines += [f"SmolLM2-135M perplexity (dense {r['dense']['ppl']:.2f}, {r['dense']['params']:,} params); "
-                  f"{r['protocol']['evaluation']}; calibration: {r['protocol']['calibration']}.", ""]
+        lines += [
+            f"SmolLM2-135M perplexity (dense {r['dense']['ppl']:.2f}, {r['dense']['params']:,} params); "
+            f"{r['protocol']['evaluation']}; calibration: {r['protocol']['calibration']}.",
+            "",
+        ]
         lines.append("| criterion | " + " | ".join(f"{float(k):.0%} removed" for k in ratios) + " |")
         lines.append("|---" * (len(ratios) + 1) + "|")
         for name, row in r["rows"].items():
@@ -513,16 +545,22 @@ def markdown(results: dict) -> str:
     if "minilm" in results:
         r = results["minilm"]
         ratios = sorted({k for row in r["rows"].values() for k in row}, key=float)
-        lines += [f"all-MiniLM-L6-v2 (dense {r['dense']['params']:,} params): cosine to dense / top-1 agreement; "
-                  f"{r['protocol']['evaluation']}.", ""]
+        lines += [
+            f"all-MiniLM-L6-v2 (dense {r['dense']['params']:,} params): cosine to dense / top-1 agreement; "
+            f"{r['protocol']['evaluation']}.",
+            "",
+        ]
         lines.append("| criterion | " + " | ".join(f"{float(k):.0%} removed" for k in ratios) + " |")
         lines.append("|---" * (len(ratios) + 1) + "|")
         for name, row in r["rows"].items():
             cells = []
             for k in ratios:
                 cell = row.get(k, {})
-                cells.append(f"{cell['cos']:.4f} / {cell['top1']:.3f} ({cell['params'] / 1e6:.2f}M)" if "cos" in cell
-                             else cell.get("error", ""))
+                cells.append(
+                    f"{cell['cos']:.4f} / {cell['top1']:.3f} ({cell['params'] / 1e6:.2f}M)"
+                    if "cos" in cell
+                    else cell.get("error", "")
+                )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -531,9 +569,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,minilm")
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    parser.add_argument("--rows", default=",".join(CRITERIA),
-                        help="criteria, each optionally +global (plan globally by params), +norm (scores as a share "
-                        "of their group), +comp (bias compensation)")
+    parser.add_argument(
+        "--rows",
+        default=",".join(CRITERIA),
+        help="criteria, each optionally +global (plan globally by params), +norm (scores as a share "
+        "of their group), +comp (bias compensation)",
+    )
     parser.add_argument("--seq", type=int, default=256, help="SmolLM2 window length (tokens)")
     parser.add_argument("--calib", type=int, default=8, help="SmolLM2 calibration windows")
     parser.add_argument("--eval-windows", type=int, default=4, help="SmolLM2 evaluation windows")
@@ -542,8 +583,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the raw results here")
-    parser.add_argument("--calibration-check", type=int, default=0,
-                        help="only measure activation calibration on this many 512-token SmolLM2 windows")
+    parser.add_argument(
+        "--calibration-check",
+        type=int,
+        default=0,
+        help="only measure activation calibration on this many 512-token SmolLM2 windows",
+    )
     args = parser.parse_args(argv)
     args.ratios = [float(x) for x in args.ratios.split(",")]
     args.rows = [x for x in args.rows.split(",") if x]

@@ -24,18 +24,53 @@ import sys
 import time
 
 SHAPES = {
-    "llama3-8b": ("LlamaConfig", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}),
-    "llama3-70b": ("LlamaConfig", {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                                   "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256}),
-    "qwen2-72b": ("Qwen2Config", {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
-                                  "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064}),
-    "mixtral-8x7b": ("MixtralConfig", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                                       "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-                                       "num_local_experts": 8}),
+    "llama3-8b": (
+        "LlamaConfig",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+        },
+    ),
+    "llama3-70b": (
+        "LlamaConfig",
+        {
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+        },
+    ),
+    "qwen2-72b": (
+        "Qwen2Config",
+        {
+            "hidden_size": 8192,
+            "intermediate_size": 29568,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "vocab_size": 152064,
+        },
+    ),
+    "mixtral-8x7b": (
+        "MixtralConfig",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32000,
+            "num_local_experts": 8,
+        },
+    ),
 }
-MODELS = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
-          "MixtralConfig": "MixtralForCausalLM"}
+MODELS = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "MixtralConfig": "MixtralForCausalLM"}
 
 
 def measure(shape: str, layers: int | None, width: int | None = None) -> dict:
@@ -56,8 +91,13 @@ def measure(shape: str, layers: int | None, width: int | None = None) -> dict:
         kwargs = {**kwargs, "num_hidden_layers": layers}
     if width:
         ratio = kwargs["intermediate_size"] / kwargs["hidden_size"]
-        kwargs = {**kwargs, "hidden_size": width, "intermediate_size": int(width * ratio) // 128 * 128,
-                  "num_attention_heads": width // 128, "num_key_value_heads": min(8, width // 128)}
+        kwargs = {
+            **kwargs,
+            "hidden_size": width,
+            "intermediate_size": int(width * ratio) // 128 * 128,
+            "num_attention_heads": width // 128,
+            "num_key_value_heads": min(8, width // 128),
+        }
     config = getattr(transformers, cfg_name)(**kwargs, use_cache=False)
     if cfg_name == "MixtralConfig":
         config._experts_implementation = "batched_mm"
@@ -86,13 +126,20 @@ def measure(shape: str, layers: int | None, width: int | None = None) -> dict:
     keep = _reconcile(groups, analysis, keep, report)
     slices = parameter_plan(analysis.facts, keep)
     lap("reconcile+slices")
-    return {"shape": shape, "layers": kwargs["num_hidden_layers"], "hidden": kwargs["hidden_size"],
-            "seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
-            **times,
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "channels_m": round(analysis.facts.n_channels / 1e6, 1), "nodes": len(gm.graph.nodes),
-            "groups": {k: report.count(k) for k in ("qk", "vo", "ffn")}, "skipped": len(report.skipped),
-            "sliced_params": len(slices)}
+    return {
+        "shape": shape,
+        "layers": kwargs["num_hidden_layers"],
+        "hidden": kwargs["hidden_size"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),
+        **times,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "channels_m": round(analysis.facts.n_channels / 1e6, 1),
+        "nodes": len(gm.graph.nodes),
+        "groups": {k: report.count(k) for k in ("qk", "vo", "ffn")},
+        "skipped": len(report.skipped),
+        "sliced_params": len(slices),
+    }
 
 
 def main() -> None:
@@ -110,8 +157,9 @@ def main() -> None:
         for layers in args.layers:
             for width in args.width:
                 spec = f"{shape}:{layers or ''}:{width or ''}"
-                out = subprocess.run([sys.executable, __file__, "--one", spec],
-                                     capture_output=True, text=True, check=False)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", spec], capture_output=True, text=True, check=False
+                )
                 print(out.stdout.strip() or out.stderr.strip().splitlines()[-1], flush=True)
 
 

@@ -46,10 +46,28 @@ import ecospa_fx
 from ecospa_fx.export import DEFAULT_OPSET, export_onnx, token_dynamic_shapes
 
 PRESETS = {
-    "llama768": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": None, "head_dim": 64, "ffn": 2048,
-                 "vocab": 1024, "tie": False, "rope_theta": 10000.0},
-    "smollm2": {"layers": 30, "hidden": 576, "heads": 9, "kv_heads": 3, "head_dim": 64, "ffn": 1536,
-                "vocab": 49152, "tie": True, "rope_theta": 100000.0},
+    "llama768": {
+        "layers": 12,
+        "hidden": 768,
+        "heads": 12,
+        "kv_heads": None,
+        "head_dim": 64,
+        "ffn": 2048,
+        "vocab": 1024,
+        "tie": False,
+        "rope_theta": 10000.0,
+    },
+    "smollm2": {
+        "layers": 30,
+        "hidden": 576,
+        "heads": 9,
+        "kv_heads": 3,
+        "head_dim": 64,
+        "ffn": 1536,
+        "vocab": 49152,
+        "tie": True,
+        "rope_theta": 100000.0,
+    },
 }
 
 
@@ -66,8 +84,9 @@ class Variant:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="llama768",
-                   help="model shape; the size flags below override it")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="llama768", help="model shape; the size flags below override it"
+    )
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
@@ -75,8 +94,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--ffn", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--memory", action="store_true",
-                   help="peak resident memory of each model's onnxruntime session (own process) at the largest cell")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak resident memory of each model's onnxruntime session (own process) at the largest cell",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--seq", type=int, nargs="+", default=[128, 512])
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5])
@@ -84,21 +106,38 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per model and cell (median)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-seconds", type=float, default=60.0,
-                   help="per cell and runtime: stop adding rounds after this long (at least 3 rounds)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="per cell and runtime: stop adding rounds after this long (at least 3 rounds)",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--ort-fusions", action="store_true",
-                   help="fuse RMSNorm (+ residual add) into onnxruntime contrib ops with onnxscript")
+    p.add_argument(
+        "--ort-fusions",
+        action="store_true",
+        help="fuse RMSNorm (+ residual add) into onnxruntime contrib ops with onnxscript",
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the built-small reference models")
-    p.add_argument("--exported-dense", action="store_true",
-                   help="also time the dense model as a torch.export graph module (the pipeline's start)")
+    p.add_argument(
+        "--exported-dense",
+        action="store_true",
+        help="also time the dense model as a torch.export graph module (the pipeline's start)",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip eager PyTorch timing")
-    p.add_argument("--profile", action="store_true",
-                   help="onnxruntime per-op-type time for dense, compressed and built-small at the first cell")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="onnxruntime per-op-type time for dense, compressed and built-small at the first cell",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where the .onnx files go (default: a temp dir)")
-    p.add_argument("--onnx-dir", type=Path, default=None,
-                   help="time the .onnx files already in this directory (a --workdir of an earlier run) in "
-                   "onnxruntime only: no compression, export, eager timing or FLOP count")
+    p.add_argument(
+        "--onnx-dir",
+        type=Path,
+        default=None,
+        help="time the .onnx files already in this directory (a --workdir of an earlier run) in "
+        "onnxruntime only: no compression, export, eager timing or FLOP count",
+    )
     p.add_argument("--quick", action="store_true", help="batch 1, seq 128, sparsity 0.5, 5 repeats")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -112,10 +151,17 @@ def parse(argv=None) -> argparse.Namespace:
 
 def llama(args, *, heads=None, kv_heads=None, head_dim=None, ffn=None, seed=0) -> torch.nn.Module:
     cfg = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=ffn or args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-        vocab_size=args.vocab, use_cache=False, max_position_embeddings=max(2048, *args.seq),
-        tie_word_embeddings=args.tie, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        hidden_size=args.hidden,
+        intermediate_size=ffn or args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        vocab_size=args.vocab,
+        use_cache=False,
+        max_position_embeddings=max(2048, *args.seq),
+        tie_word_embeddings=args.tie,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
     )
     # set after validation: some transformers versions insist on hidden % heads == 0, which a model with
     # explicit head_dim and fewer heads (9 x 64 < 768) does not need
@@ -130,10 +176,19 @@ def llama(args, *, heads=None, kv_heads=None, head_dim=None, ffn=None, seed=0) -
 def widths(compressed: torch.nn.Module, granularity: str, args) -> dict | None:
     """The Llama config widths of a compressed model (layer 0), or None if layers or q/v differ."""
     params = dict(compressed.named_parameters())
+
     def rows(layer, name):
         return params[f"model.layers.{layer}.{name}.weight"].shape[0]
-    shapes = {(rows(i, "self_attn.q_proj"), rows(i, "self_attn.k_proj"), rows(i, "self_attn.v_proj"),
-               rows(i, "mlp.gate_proj")) for i in range(args.layers)}
+
+    shapes = {
+        (
+            rows(i, "self_attn.q_proj"),
+            rows(i, "self_attn.k_proj"),
+            rows(i, "self_attn.v_proj"),
+            rows(i, "mlp.gate_proj"),
+        )
+        for i in range(args.layers)
+    }
     if len(shapes) != 1:
         return None
     q, k, v, ffn = shapes.pop()
@@ -169,8 +224,9 @@ def build_variants(args, workdir: Path) -> list[Variant]:
     for gran in args.granularity:
         for sp in args.sparsity:
             t = time.perf_counter()
-            comp = ecospa_fx.compress(dense, example, sp, granularity=gran,
-                                      dynamic_shapes=token_dynamic_shapes(example))
+            comp = ecospa_fx.compress(
+                dense, example, sp, granularity=gran, dynamic_shapes=token_dynamic_shapes(example)
+            )
             name = f"{gran} {sp:.0%}"
             variant = Variant(name, comp, count(comp))
             w = widths(comp, gran, args)
@@ -188,8 +244,11 @@ def build_variants(args, workdir: Path) -> list[Variant]:
             v.onnx, v.ops, fused = fuse_for_ort(path, v.torch_model, probe[0])
             print(f"#   onnxscript fusions on {v.name}: {fused}", flush=True)
         notes = "; ".join(result.notes)
-        print(f"# exported {v.name}: opset {result.opset}, dynamic {result.dynamic_axes}, parity "
-              f"{result.max_diff:.1e}, {time.perf_counter() - t:.1f}s {notes}", flush=True)
+        print(
+            f"# exported {v.name}: opset {result.opset}, dynamic {result.dynamic_axes}, parity "
+            f"{result.max_diff:.1e}, {time.perf_counter() - t:.1f}s {notes}",
+            flush=True,
+        )
         v.flops = {s: flops(v.torch_model, s, args.vocab) for s in args.seq}
     return variants
 
@@ -221,8 +280,10 @@ def fuse_for_ort(path: Path, model, probe: tuple) -> tuple[Path, dict[str, int],
     from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
     model_ir = _pre_optimize(ir.load(str(path)))
-    counts = {"rms_normalization": fuse_rms_normalization(model_ir),
-              "skip_rms_normalization": fuse_skip_rms_normalization(model_ir)}
+    counts = {
+        "rms_normalization": fuse_rms_normalization(model_ir),
+        "skip_rms_normalization": fuse_skip_rms_normalization(model_ir),
+    }
     out = path.with_name(path.stem + "_fused.onnx")
     ir.save(model_ir, str(out))
     so = ort.SessionOptions()
@@ -275,14 +336,18 @@ def all_variants(variants: list[Variant]) -> list[Variant]:
 def time_cell(variants, sessions, batch: int, seq: int, args) -> dict[str, dict[str, float]]:
     ids = torch.randint(0, args.vocab, (batch, seq), generator=torch.Generator().manual_seed(batch * seq))
     feed = {"input_ids": ids.numpy()}
-    out = {"ort": round_robin({v.name: (lambda s=sessions[v.name]: s.run(None, feed))
-                               for v in all_variants(variants)}, args)}
+    out = {
+        "ort": round_robin(
+            {v.name: (lambda s=sessions[v.name]: s.run(None, feed)) for v in all_variants(variants)}, args
+        )
+    }
     if not args.no_torch:
+
         def eager(model):
             with torch.inference_mode():
                 model(ids)
-        out["torch"] = round_robin({v.name: (lambda m=v.torch_model: eager(m)) for v in all_variants(variants)},
-                                   args)
+
+        out["torch"] = round_robin({v.name: (lambda m=v.torch_model: eager(m)) for v in all_variants(variants)}, args)
     return out
 
 
@@ -341,8 +406,12 @@ def peak_memory_mb(variants, batch: int, seq: int, args) -> dict[str, float]:
 
     out = {}
     for v in all_variants(variants):
-        res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(v.onnx), str(batch), str(seq),
-                              str(args.vocab), str(args.threads)], capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(v.onnx), str(batch), str(seq), str(args.vocab), str(args.threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[v.name] = int(res.stdout.split()[-1]) / 1024
     return out
 
@@ -364,9 +433,11 @@ def op_diffs(variants) -> None:
 
 def report(variants, results, args) -> None:
     dense = variants[0]
-    print(f"\n{args.preset}: {args.layers}-layer Llama, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV), "
-          f"head_dim {args.head_dim}, FFN {args.ffn}, vocab {args.vocab}; onnxruntime {ort.__version__} (opset "
-          f"{args.opset}) and torch {torch.__version__} eager, {args.threads} threads, median ms\n")
+    print(
+        f"\n{args.preset}: {args.layers}-layer Llama, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV), "
+        f"head_dim {args.head_dim}, FFN {args.ffn}, vocab {args.vocab}; onnxruntime {ort.__version__} (opset "
+        f"{args.opset}) and torch {torch.__version__} eager, {args.threads} threads, median ms\n"
+    )
     cols = ["batch", "seq", "model", "params x", "FLOPs x", "ORT ms", "ORT x"]
     if not args.no_torch:
         cols += ["torch ms", "torch x"]
@@ -376,8 +447,15 @@ def report(variants, results, args) -> None:
     for (batch, seq), cell in results.items():
         for v in all_variants(variants):
             flops_x = f"{dense.flops[seq] / v.flops[seq]:.2f}" if v.flops else "n/a"
-            row = [str(batch), str(seq), v.name, f"{dense.params / v.params:.2f}", flops_x,
-                   f"{cell['ort'][v.name]:.1f}", f"{cell['ort']['dense'] / cell['ort'][v.name]:.2f}"]
+            row = [
+                str(batch),
+                str(seq),
+                v.name,
+                f"{dense.params / v.params:.2f}",
+                flops_x,
+                f"{cell['ort'][v.name]:.1f}",
+                f"{cell['ort']['dense'] / cell['ort'][v.name]:.2f}",
+            ]
             if not args.no_torch:
                 row += [f"{cell['torch'][v.name]:.1f}", f"{cell['torch']['dense'] / cell['torch'][v.name]:.2f}"]
             ref = v.reference

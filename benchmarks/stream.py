@@ -80,14 +80,20 @@ def child_plan(work: Path, importance: str, sparsity: float) -> dict:
     weights = open_checkpoint(meta, work / "src", extra=buffers)
     calibration = torch.load(work / "calibration.pt") if importance == "activation" else None
     ids = torch.zeros(1, 128, dtype=torch.long, device="meta")
-    plan = plan_compression(meta, (ids,), CompressConfig(sparsity=sparsity, importance=importance),
-                            weights=weights, calibration=calibration)
+    plan = plan_compression(
+        meta, (ids,), CompressConfig(sparsity=sparsity, importance=importance), weights=weights, calibration=calibration
+    )
     slices = checkpoint_slices(meta, plan.slices, weights.index)
-    (work / "slices.json").write_text(json.dumps({k: {d: v.tolist() for d, v in dims.items()}
-                                                  for k, dims in slices.items()}))
-    return {"plan_seconds": round(time.perf_counter() - start, 1), "plan_peak_rss_mb": round(peak_rss() / MB),
-            "plan_rss_delta_mb": round((peak_rss() - base) / MB), "tensors_read": weights.loads,
-            "removed": {f"{k[0]}:{k[1]}": list(v) for k, v in plan.report.removed.items()}}
+    (work / "slices.json").write_text(
+        json.dumps({k: {d: v.tolist() for d, v in dims.items()} for k, dims in slices.items()})
+    )
+    return {
+        "plan_seconds": round(time.perf_counter() - start, 1),
+        "plan_peak_rss_mb": round(peak_rss() / MB),
+        "plan_rss_delta_mb": round((peak_rss() - base) / MB),
+        "tensors_read": weights.loads,
+        "removed": {f"{k[0]}:{k[1]}": list(v) for k, v in plan.report.removed.items()},
+    }
 
 
 def child_stream(work: Path, shard_mb: int) -> dict:
@@ -96,18 +102,24 @@ def child_stream(work: Path, shard_mb: int) -> dict:
 
     from ecospa_fx.streaming import stream_apply
 
-    slices = {k: {int(d): np.asarray(v) for d, v in dims.items()}
-              for k, dims in json.loads((work / "slices.json").read_text()).items()}
+    slices = {
+        k: {int(d): np.asarray(v) for d, v in dims.items()}
+        for k, dims in json.loads((work / "slices.json").read_text()).items()
+    }
     base = rss_now()
     start = time.perf_counter()
     stats = stream_apply(work / "src", slices, work / "out", max_shard_bytes=shard_mb * MB)
-    return {"stream_seconds": round(time.perf_counter() - start, 1),
-            "stream_rss_delta_mb": round((peak_rss() - base) / MB),
-            "largest_input_shard_mb": round(stats["largest_input_shard"] / MB),
-            "largest_output_shard_mb": round(stats["largest_output_shard"] / MB),
-            "largest_tensor_mb": round(stats["largest_tensor"] / MB),
-            "in_mb": round(stats["bytes_in"] / MB), "out_mb": round(stats["bytes_out"] / MB),
-            "input_shards": len(list((work / "src").glob("*.safetensors"))), "output_shards": len(stats["files"])}
+    return {
+        "stream_seconds": round(time.perf_counter() - start, 1),
+        "stream_rss_delta_mb": round((peak_rss() - base) / MB),
+        "largest_input_shard_mb": round(stats["largest_input_shard"] / MB),
+        "largest_output_shard_mb": round(stats["largest_output_shard"] / MB),
+        "largest_tensor_mb": round(stats["largest_tensor"] / MB),
+        "in_mb": round(stats["bytes_in"] / MB),
+        "out_mb": round(stats["bytes_out"] / MB),
+        "input_shards": len(list((work / "src").glob("*.safetensors"))),
+        "output_shards": len(stats["files"]),
+    }
 
 
 def child_load_all(work: Path) -> dict:
@@ -165,8 +177,12 @@ def compare(work: Path, compressed) -> dict:
 
 
 def run_child(kind: str, work: Path, *extra: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--work", str(work), *extra],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--work", str(work), *extra],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode:
         raise SystemExit(f"child {kind} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -184,8 +200,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.child:
         work = Path(args.work)
-        jobs = {"plan": lambda: child_plan(work, args.importance[0], args.sparsity),
-                "stream": lambda: child_stream(work, args.shard_mb), "load_all": lambda: child_load_all(work)}
+        jobs = {
+            "plan": lambda: child_plan(work, args.importance[0], args.sparsity),
+            "stream": lambda: child_stream(work, args.shard_mb),
+            "load_all": lambda: child_load_all(work),
+        }
         print(json.dumps(jobs[args.child]()))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,8 +215,9 @@ def main() -> None:
             compressed, seconds = reference(model, work, importance, args.sparsity)
             row = {"importance": importance, "sparsity": args.sparsity, "in_memory_seconds": seconds}
             plan = run_child("plan", work, "--importance", importance, "--sparsity", str(args.sparsity))
-            same_plan = plan.pop("removed") == {f"{k[0]}:{k[1]}": list(v)
-                                                 for k, v in compressed.ecospa_report.removed.items()}
+            same_plan = plan.pop("removed") == {
+                f"{k[0]}:{k[1]}": list(v) for k, v in compressed.ecospa_report.removed.items()
+            }
             row.update(plan, same_plan=same_plan)
             row.update(run_child("stream", work, "--shard-mb", str(args.shard_mb)))
             row.update(compare(work, compressed))

@@ -61,9 +61,15 @@ def llama(args, head_dim: int | None = None, ffn: int | None = None) -> tf.Llama
     """The benchmark model; ``head_dim`` / ``ffn`` build it small (the built-small baseline)."""
     torch.manual_seed(args.seed)
     config = tf.LlamaConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=ffn or 4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
-        head_dim=head_dim or args.hidden // args.heads, max_position_embeddings=args.seq, use_cache=False,
+        vocab_size=256,
+        hidden_size=args.hidden,
+        intermediate_size=ffn or 4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2,
+        head_dim=head_dim or args.hidden // args.heads,
+        max_position_embeddings=args.seq,
+        use_cache=False,
         tie_word_embeddings=False,
     )
     return tf.LlamaForCausalLM(config)
@@ -146,8 +152,10 @@ def train(args, data: list[torch.Tensor], ecospa: bool, log, model=None) -> dict
         sched.step()
         if pruner is not None and pruner.step():
             e = pruner.history[-1]
-            log(f"  step {e.step}: pruned to {e.sparsity:.1%}, params {e.params_before:,} -> {e.params_after:,} "
-                f"({e.seconds:.1f} s)")
+            log(
+                f"  step {e.step}: pruned to {e.sparsity:.1%}, params {e.params_before:,} -> {e.params_after:,} "
+                f"({e.seconds:.1f} s)"
+            )
         if (i + 1) % max(1, len(data) // 5) == 0:
             log(f"  {'ecospa' if ecospa else 'dense'} step {i + 1}: loss {np.mean(losses[-20:]):.3f}")
     return {"module": gm, "opt": opt, "pruner": pruner, "losses": losses, "train_s": time.time() - t0}
@@ -194,7 +202,12 @@ def bench_recovery(args, log) -> dict:
     evaluation = windows(eval_ids, args.eval_windows, args.recovery_seq)
     t0 = time.time()
     compressed = ecospa_fx.compress(
-        dense, train[0], sparsity=0.5, importance="activation", calibration=train[:8], round_to=1,
+        dense,
+        train[0],
+        sparsity=0.5,
+        importance="activation",
+        calibration=train[:8],
+        round_to=1,
         kinds=("qk", "vo", "ffn"),
     )
     log(f"SmolLM2 compressed in {time.time() - t0:.0f} s")
@@ -224,9 +237,16 @@ def markdown(res: dict) -> str:
     lines = training_table(res) if "dense" in res else []
     if "recovery" in res:
         r = res["recovery"]
-        lines += ["", "| SmolLM2-135M, 50% removed | perplexity |", "|---|---|", f"| dense | {r['dense']:.2f} |",
-                  f"| one-shot (activation) | {r['one_shot']:.2f} |", f"| + recovery fine-tune | {r['finetune']:.2f} |",
-                  f"| + recovery with distillation | {r['distill']:.2f} |", f"\n{r['protocol']}"]
+        lines += [
+            "",
+            "| SmolLM2-135M, 50% removed | perplexity |",
+            "|---|---|",
+            f"| dense | {r['dense']:.2f} |",
+            f"| one-shot (activation) | {r['one_shot']:.2f} |",
+            f"| + recovery fine-tune | {r['finetune']:.2f} |",
+            f"| + recovery with distillation | {r['distill']:.2f} |",
+            f"\n{r['protocol']}",
+        ]
     return "\n".join(lines)
 
 
@@ -234,29 +254,49 @@ def training_table(res: dict) -> list[str]:
     d, e = res["dense"], res["ecospa"]
     dm, em = d["memory"]["total"], e["memory"]["total"]
     rows = [
-        ("validation perplexity (Persuasion, bytes)", f"{d['val_ppl']:.3f}", f"{e['val_ppl']:.3f}",
-         f"{e['val_ppl'] / d['val_ppl']:.3f}x"),
+        (
+            "validation perplexity (Persuasion, bytes)",
+            f"{d['val_ppl']:.3f}",
+            f"{e['val_ppl']:.3f}",
+            f"{e['val_ppl'] / d['val_ppl']:.3f}x",
+        ),
         ("parameters", f"{d['params']:,}", f"{e['params']:,}", f"{e['params'] / d['params']:.3f}x"),
         ("training memory after last prune (MiB)", f"{dm / 2**20:.1f}", f"{em / 2**20:.1f}", f"{em / dm:.3f}x"),
-        ("  of which activations saved for backward", f"{d['memory']['activations'] / 2**20:.1f}",
-         f"{e['memory']['activations'] / 2**20:.1f}",
-         f"{e['memory']['activations'] / d['memory']['activations']:.3f}x"),
-        ("step time after last prune (ms, median)", f"{res['step_s']['dense'] * 1e3:.0f}",
-         f"{res['step_s']['ecospa'] * 1e3:.0f}", f"{res['step_s']['ecospa'] / res['step_s']['dense']:.3f}x"),
-        ("step time after last prune (ms, fastest)", f"{res['step_s']['dense_min'] * 1e3:.0f}",
-         f"{res['step_s']['ecospa_min'] * 1e3:.0f}",
-         f"{res['step_s']['ecospa_min'] / res['step_s']['dense_min']:.3f}x"),
-        ("total training wall time (s)", f"{d['train_s']:.0f}", f"{e['train_s']:.0f}",
-         f"{e['train_s'] / d['train_s']:.3f}x"),
+        (
+            "  of which activations saved for backward",
+            f"{d['memory']['activations'] / 2**20:.1f}",
+            f"{e['memory']['activations'] / 2**20:.1f}",
+            f"{e['memory']['activations'] / d['memory']['activations']:.3f}x",
+        ),
+        (
+            "step time after last prune (ms, median)",
+            f"{res['step_s']['dense'] * 1e3:.0f}",
+            f"{res['step_s']['ecospa'] * 1e3:.0f}",
+            f"{res['step_s']['ecospa'] / res['step_s']['dense']:.3f}x",
+        ),
+        (
+            "step time after last prune (ms, fastest)",
+            f"{res['step_s']['dense_min'] * 1e3:.0f}",
+            f"{res['step_s']['ecospa_min'] * 1e3:.0f}",
+            f"{res['step_s']['ecospa_min'] / res['step_s']['dense_min']:.3f}x",
+        ),
+        (
+            "total training wall time (s)",
+            f"{d['train_s']:.0f}",
+            f"{e['train_s']:.0f}",
+            f"{e['train_s'] / d['train_s']:.3f}x",
+        ),
     ]
     lines = ["| | dense | EcoSpa 50% | ratio |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {r} |" for a, b, c, r in rows]
     if "small" in res:
         sm = res["small"]
         mib = sm["memory"]["total"] / 2**20
-        lines.append(f"\nbuilt small from scratch at EcoSpa's final widths ({sm['params']:,} params), same steps and "
-                     f"data: validation perplexity {sm['val_ppl']:.3f}, training memory {mib:.1f} MiB, "
-                     f"step {res['step_s']['small'] * 1e3:.0f} ms")
+        lines.append(
+            f"\nbuilt small from scratch at EcoSpa's final widths ({sm['params']:,} params), same steps and "
+            f"data: validation perplexity {sm['val_ppl']:.3f}, training memory {mib:.1f} MiB, "
+            f"step {res['step_s']['small'] * 1e3:.0f} ms"
+        )
     lines.append(f"\nschedule {res['schedule']}; pruning itself took {res['prune_s']:.1f} s in all")
     return lines
 
@@ -273,8 +313,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--time-steps", type=int, default=30, help="interleaved timing steps per run")
-    parser.add_argument("--no-small-baseline", dest="small_baseline", action="store_false",
-                        help="skip training the built-small model (EcoSpa's final widths, from scratch)")
+    parser.add_argument(
+        "--no-small-baseline",
+        dest="small_baseline",
+        action="store_false",
+        help="skip training the built-small model (EcoSpa's final widths, from scratch)",
+    )
     parser.add_argument("--recovery", action="store_true", help="also the SmolLM2 recovery rows")
     parser.add_argument("--skip-training", action="store_true", help="only the recovery rows")
     parser.add_argument("--recovery-steps", type=int, default=40)

@@ -53,8 +53,10 @@ def main() -> None:
         for name, (on, probes) in SETTINGS.items():
             times[name].append(_run(model, inputs, on, probes))
     base = statistics.median(times["verify off"])
-    print(f"all-MiniLM-L6-v2, compress 50%, inputs {args.batch}x{args.seq}, {args.rounds} rounds, "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(
+        f"all-MiniLM-L6-v2, compress 50%, inputs {args.batch}x{args.seq}, {args.rounds} rounds, "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
     print("| setting | compress s (median) | x verify off |\n|---|---:|---:|")
     for name, values in times.items():
         med = statistics.median(values)

@@ -154,8 +154,9 @@ def _auto_granularity(model, example_inputs, config: CompressConfig, dynamic_sha
     """granularity="auto": compress at "channel" and "head", keep the one faster on the example inputs."""
     from ecospa_fx.latency import choose_granularity
 
-    choice = choose_granularity(model, example_inputs, config=config, dynamic_shapes=dynamic_shapes,
-                                calibration=calibration, loss_fn=loss_fn)
+    choice = choose_granularity(
+        model, example_inputs, config=config, dynamic_shapes=dynamic_shapes, calibration=calibration, loss_fn=loss_fn
+    )
     choice.model.ecospa_granularity_costs = choice.costs
     return choice.model
 
@@ -204,8 +205,13 @@ def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: Comp
     keep = np.ones(facts.n_channels, dtype=bool)
     report = Report(sparsity=config.sparsity, granularity=config.granularity)
     settings = PlanSettings(
-        config.sparsity, config.round_to, config.granularity,
-        config.allocation, config.budget, config.max_sparsity, config.across_kinds,
+        config.sparsity,
+        config.round_to,
+        config.granularity,
+        config.allocation,
+        config.budget,
+        config.max_sparsity,
+        config.across_kinds,
     )
     planned = []
     for group in groups:
@@ -251,8 +257,11 @@ def _reconcile(groups: list[CoupledUnits], analysis, keep: np.ndarray, report: R
                 continue
             keep[group.channels] = True
             detail = bad[min(owned)]
-            reason = detail if detail.startswith(SYMBOLIC_REASON) else (
-                f"kept channels do not fit a reshape shared with other groups: {detail}")
+            reason = (
+                detail
+                if detail.startswith(SYMBOLIC_REASON)
+                else (f"kept channels do not fit a reshape shared with other groups: {detail}")
+            )
             names = _param_names(group, facts)
             report.groups = [g for g in report.groups if set(g.params) != set(names) or g.kind != group.kind]
             report.skipped.append(Skipped(group.kind, names, (reason,)))

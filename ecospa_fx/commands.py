@@ -25,8 +25,10 @@ def run_demo(args: argparse.Namespace, ui: Ui) -> int:
         rows = demo(args.sparsity, args.batch, args.seq, args.repeats, progress=update)
     dense = rows[0]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    table = Table(title=f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, 2 CPU threads, "
-                        f"models timed round robin, load average {load:.1f}")
+    table = Table(
+        title=f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, 2 CPU threads, "
+        f"models timed round robin, load average {load:.1f}"
+    )
     for col in (
         "model",
         "params",

@@ -97,5 +97,6 @@ def _check_tolerance(name: str, value: object, positive: bool) -> None:
     ok = ok and (value > 0 if positive else value >= 0)
     if not ok:
         want = "a finite number > 0" if positive else "a finite number >= 0"
-        raise InputError(f"{name} must be {want} (verification passes when |diff| <= atol + rtol * max|output|), "
-                         f"got {value!r}")
+        raise InputError(
+            f"{name} must be {want} (verification passes when |diff| <= atol + rtol * max|output|), got {value!r}"
+        )

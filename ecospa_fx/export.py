@@ -113,10 +113,18 @@ class ExportResult:
         return max(self.max_abs_diff.values(), default=0.0)
 
     def summary(self) -> str:
-        shapes = ", ".join(f"{k}: " + ", ".join(f"axis {a} = {d}" for a, d in sorted(v.items()))
-                           for k, v in self.dynamic_axes.items() if v) or "none (static shapes)"
-        lines = [f"wrote {self.path} (opset {self.opset}, {sum(self.op_counts.values())} nodes)",
-                 f"dynamic axes: {shapes}"]
+        shapes = (
+            ", ".join(
+                f"{k}: " + ", ".join(f"axis {a} = {d}" for a, d in sorted(v.items()))
+                for k, v in self.dynamic_axes.items()
+                if v
+            )
+            or "none (static shapes)"
+        )
+        lines = [
+            f"wrote {self.path} (opset {self.opset}, {sum(self.op_counts.values())} nodes)",
+            f"dynamic axes: {shapes}",
+        ]
         if self.checked:
             lines.append("onnx.checker: ok")
         if self.max_abs_diff:
@@ -169,8 +177,16 @@ def export_onnx(
         return _export_checked(compressed, inputs, path, opset, dynamic, check, atol, parity_inputs)
 
 
-def _export_checked(compressed: torch.nn.Module, inputs: tuple, path: Path, opset: int | None, dynamic: bool,
-                    check: bool, atol: float, parity_inputs: Sequence[Any]) -> ExportResult:
+def _export_checked(
+    compressed: torch.nn.Module,
+    inputs: tuple,
+    path: Path,
+    opset: int | None,
+    dynamic: bool,
+    check: bool,
+    atol: float,
+    parity_inputs: Sequence[Any],
+) -> ExportResult:
     """``export_onnx`` once the module is in eval mode: capture, translate, write, check."""
     with torch.no_grad():
         reference = compressed(*inputs)
@@ -289,22 +305,29 @@ def _capture(model, inputs: tuple, dynamic: bool, notes: list[str]):
         for i, x in enumerate(inputs):
             if isinstance(x, torch.Tensor) and x.ndim:
                 if x.shape[0] < 2:
-                    notes.append(f"input {i} has batch {x.shape[0]}: its batch axis is static (torch.export "
-                                 "specializes sizes 0 and 1; use batch >= 2 in the example inputs)")
+                    notes.append(
+                        f"input {i} has batch {x.shape[0]}: its batch axis is static (torch.export "
+                        "specializes sizes 0 and 1; use batch >= 2 in the example inputs)"
+                    )
                 requested += [(i, a) for a in (spec[i] or {})]
     try:
         program = torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
     except Exception as err:
-        raise ExportError(f"torch.export could not capture {type(model).__name__} for ONNX: "
-                          f"{type(err).__name__}: {_first_lines(err)}") from err
+        raise ExportError(
+            f"torch.export could not capture {type(model).__name__} for ONNX: {type(err).__name__}: {_first_lines(err)}"
+        ) from err
     if dynamic:
         shapes = _placeholder_shapes(program, inputs)
         pinned = [(i, a) for i, a in requested if isinstance(shapes[i][a], int)]
         if pinned:
             where = ", ".join(f"input {i} axis {a} = {shapes[i][a]}" for i, a in pinned)
-            hint = (" (this module was compressed with static shapes: its graph holds literal batch/sequence "
-                    "sizes; pass dynamic_shapes=ecospa_fx.export.token_dynamic_shapes(x) to compress for "
-                    "dynamic axes)" if isinstance(model, torch.fx.GraphModule) else "")
+            hint = (
+                " (this module was compressed with static shapes: its graph holds literal batch/sequence "
+                "sizes; pass dynamic_shapes=ecospa_fx.export.token_dynamic_shapes(x) to compress for "
+                "dynamic axes)"
+                if isinstance(model, torch.fx.GraphModule)
+                else ""
+            )
             notes.append(f"exported with static sizes where the module pins them: {where}{hint}")
             requested = [r for r in requested if r not in pinned]
             if not requested:  # a clean static capture (no constant SymInts left on the inputs)
@@ -314,8 +337,11 @@ def _capture(model, inputs: tuple, dynamic: bool, notes: list[str]):
 
 def _placeholder_shapes(program, inputs: tuple) -> list[list[int | str]]:
     """Per example input, its captured shape (int, or the symbol's name for a dynamic axis)."""
-    users = [s for s in program.graph_signature.input_specs
-             if s.kind.name == "USER_INPUT" and isinstance(s.arg, torch.export.graph_signature.TensorArgument)]
+    users = [
+        s
+        for s in program.graph_signature.input_specs
+        if s.kind.name == "USER_INPUT" and isinstance(s.arg, torch.export.graph_signature.TensorArgument)
+    ]
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     captured = iter(users)
     shapes: list[list[int | str]] = []
@@ -470,11 +496,20 @@ def _parity(path: Path, model, input_sets: list[tuple], reference, output_names,
         for name, ours, theirs in zip(output_names, got, expected, strict=True):
             theirs = theirs.detach().cpu().float().numpy() if theirs.is_floating_point() else theirs.cpu().numpy()
             if ours.shape != theirs.shape:
-                raise ParityError(f"output {name!r}: onnxruntime shape {ours.shape} != PyTorch {theirs.shape} "
-                                  f"(inputs {shapes})", name, float("inf"), atol)
+                raise ParityError(
+                    f"output {name!r}: onnxruntime shape {ours.shape} != PyTorch {theirs.shape} (inputs {shapes})",
+                    name,
+                    float("inf"),
+                    atol,
+                )
             diff = float(np.max(np.abs(ours.astype(np.float64) - theirs.astype(np.float64)), initial=0.0))
             diffs[name] = max(diffs[name], diff)
             if not diff <= atol:
-                raise ParityError(f"output {name!r}: onnxruntime differs from PyTorch by {diff:.3e} "
-                                  f"(> atol {atol:g}) on inputs of shape {shapes}", name, diff, atol)
+                raise ParityError(
+                    f"output {name!r}: onnxruntime differs from PyTorch by {diff:.3e} "
+                    f"(> atol {atol:g}) on inputs of shape {shapes}",
+                    name,
+                    diff,
+                    atol,
+                )
     return diffs

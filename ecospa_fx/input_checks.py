@@ -100,8 +100,7 @@ def _leaf_mismatch(example: Any, got: Any, val: Any) -> str | None:
     for axis, (size, n) in enumerate(zip(sizes, got.shape, strict=True)):
         problem = _axis_mismatch(size, int(n))
         if problem:
-            return (f"has shape {tuple(got.shape)}, example_inputs has {tuple(example.shape)}: axis {axis} "
-                    f"{problem}")
+            return f"has shape {tuple(got.shape)}, example_inputs has {tuple(example.shape)}: axis {axis} {problem}"
     return None
 
 
@@ -110,8 +109,10 @@ def _axis_mismatch(size: Any, n: int) -> str | None:
     if not isinstance(size, torch.SymInt):
         if n == int(size):
             return None
-        return (f"is {n}, the capture fixed it to {int(size)} (pass dynamic_shapes to compress for axes that "
-                "vary, e.g. ecospa_fx.export.token_dynamic_shapes(example_inputs))")
+        return (
+            f"is {n}, the capture fixed it to {int(size)} (pass dynamic_shapes to compress for axes that "
+            "vary, e.g. ecospa_fx.export.token_dynamic_shapes(example_inputs))"
+        )
     lower, upper = _axis_range(size)
     if n < lower or (upper is not None and n > upper):
         return f"is {n}, outside the dynamic range [{lower}, {upper if upper is not None else 'inf'}]"

@@ -126,21 +126,28 @@ def choose_granularity(
         inputs), median of ``repeats`` round-robin calls. Other options go to ``compress``.
     """
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    cands = [candidate(g, _compress_at(g, model, example_inputs, sparsity, compress_options), example)
-             for g in candidates]
+    cands = [
+        candidate(g, _compress_at(g, model, example_inputs, sparsity, compress_options), example) for g in candidates
+    ]
     return choose_among(cands, cost_model, timing_inputs if timing_inputs is not None else example, repeats)
 
 
-def choose_among(cands: Sequence[Candidate], cost_model: CostModel | None, timing_inputs: tuple | None = None,
-                 repeats: int = 7) -> Choice:
+def choose_among(
+    cands: Sequence[Candidate], cost_model: CostModel | None, timing_inputs: tuple | None = None, repeats: int = 7
+) -> Choice:
     """The cheapest of ``cands`` under ``cost_model`` (or measured on ``timing_inputs``); ties: first."""
     if cost_model is None:
         costs = measured_costs(cands, timing_inputs, repeats)
     else:
         costs = [float(cost_model(c)) for c in cands]
     best = min(range(len(cands)), key=lambda k: (costs[k], k))
-    return Choice(cands[best].granularity, cands[best].model, {c.granularity: x for c, x in zip(cands, costs,
-                  strict=True)}, {c.granularity: c for c in cands})
+    return Choice(
+        cands[best].granularity,
+        cands[best].model,
+        {c.granularity: x for c, x in zip(cands, costs, strict=True)},
+        {c.granularity: c for c in cands},
+    )
+
 
 def _compress_at(granularity: str, model, example_inputs, sparsity: float, options: dict) -> fx.GraphModule:
     from ecospa_fx.api import compress

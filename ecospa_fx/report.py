@@ -108,8 +108,10 @@ class Report:
             kinds = {k: self.count(k) for k in ("qk", "vo", "ffn", "head") if self.count(k)}
             lines = [buf.getvalue().rstrip(), f"groups: {kinds}"]
         else:
-            lines = [f"ecospa_fx: {self.granularity} granularity, sparsity {self.sparsity:g}",
-                     f"nothing to compress: {self.nothing_reason()}"]
+            lines = [
+                f"ecospa_fx: {self.granularity} granularity, sparsity {self.sparsity:g}",
+                f"nothing to compress: {self.nothing_reason()}",
+            ]
         if self.params_before:
             ratio = self.params_after / self.params_before
             lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
@@ -131,9 +133,11 @@ class Report:
         """Why no group was planned, in words: the skipped groups and their reasons, or that no coupled
         channels were found at all."""
         if not self.skipped:
-            return ("no coupled channels were found (ecospa_fx prunes channels shared by linear layers: "
-                    "attention q/k and v/o, feed-forward pairs; other layers such as convolutions are left as "
-                    "they are)")
+            return (
+                "no coupled channels were found (ecospa_fx prunes channels shared by linear layers: "
+                "attention q/k and v/o, feed-forward pairs; other layers such as convolutions are left as "
+                "they are)"
+            )
         return "\n".join([f"every coupled group was left dense ({len(self.skipped)}):", *self._skipped_lines()])
 
     def _skipped_lines(self) -> list[str]:

@@ -96,8 +96,9 @@ class CheckpointTensors(Mapping):
     caller holds a tensor as long as it needs it). ``names`` maps the names callers use (model parameter
     names) to checkpoint names; ``extra`` adds in-memory tensors (e.g. buffers rebuilt from the config)."""
 
-    def __init__(self, src: str | Path, names: Mapping[str, str] | None = None,
-                 extra: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self, src: str | Path, names: Mapping[str, str] | None = None, extra: Mapping[str, torch.Tensor] | None = None
+    ):
         self.index = tensor_index(src)
         self.names = dict(names) if names is not None else {k: k for k in self.index}
         self.extra = dict(extra or {})
@@ -167,8 +168,9 @@ def plan_compression(
     layerwise = weights is not None and config.importance == "activation"
     on_meta = any(p.is_meta for p in gm.parameters())
     run_gm = retarget_device(gm) if layerwise and on_meta else gm
-    inputs = ScoreInputs(run_gm, analysis.facts, params, analysis.labels, calibration, seed=config.seed,
-                         layerwise=layerwise)
+    inputs = ScoreInputs(
+        run_gm, analysis.facts, params, analysis.labels, calibration, seed=config.seed, layerwise=layerwise
+    )
     keep, report = _plan(groups, analysis.facts, params, config, inputs)
     keep = _reconcile(groups, analysis, keep, report)
     return CompressionPlan(analysis, keep, report, parameter_plan(analysis.facts, keep))
@@ -210,8 +212,23 @@ def slice_tensor(tensor: torch.Tensor, dims: Mapping[int, np.ndarray]) -> torch.
     return tensor
 
 
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 @dataclass
@@ -303,10 +320,14 @@ def stream_apply(src: str | Path, slices: Slices, out: str | Path, *, max_shard_
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (target / INDEX).write_text(json.dumps(index, indent=1))
     inputs = shard_files(src)
-    return {"files": [str(p) for p in files], "bytes_in": sum(p.stat().st_size for p in inputs), "bytes_out": total,
-            "largest_output_shard": max(sum(e.nbytes for e in entries) for entries in layout),
-            "largest_tensor": max(e.nbytes for entries in layout for e in entries),
-            "largest_input_shard": max(p.stat().st_size for p in inputs)}
+    return {
+        "files": [str(p) for p in files],
+        "bytes_in": sum(p.stat().st_size for p in inputs),
+        "bytes_out": total,
+        "largest_output_shard": max(sum(e.nbytes for e in entries) for entries in layout),
+        "largest_tensor": max(e.nbytes for entries in layout for e in entries),
+        "largest_input_shard": max(p.stat().st_size for p in inputs),
+    }
 
 
 def write_plan(out: str | Path, plan: CompressionPlan, slices: Slices) -> Path:

@@ -137,9 +137,7 @@ class Ctx:
         out = []
         for op in operands:
             missing = [
-                k
-                for k, ch in enumerate(op.letters)
-                if ch in labelled and op.labels[k] is None and op.shape[k] > 1
+                k for k, ch in enumerate(op.letters) if ch in labelled and op.labels[k] is None and op.shape[k] > 1
             ]
             if missing and op.path is not None and not op.is_weight:
                 if len(missing) > 1:
@@ -148,8 +146,7 @@ class Ctx:
                             self.block_labels(
                                 other.labels,
                                 "all",
-                                "an operand meets channel axes on more "
-                                "than one axis (cannot gather it per axis)",
+                                "an operand meets channel axes on more than one axis (cannot gather it per axis)",
                                 node,
                             )
                 else:
@@ -172,9 +169,11 @@ class Ctx:
                 counts[ch] = counts.get(ch, 0) + 1
         contracted = {ch for ch, c in counts.items() if c >= 2 and ch not in out_letters}
         if contracted:
-            self.facts.contractions.append(Contraction(
-                self.node.name, tuple(operands), letter_sizes(operands), frozenset(contracted), tuple(out_letters)
-            ))
+            self.facts.contractions.append(
+                Contraction(
+                    self.node.name, tuple(operands), letter_sizes(operands), frozenset(contracted), tuple(out_letters)
+                )
+            )
         frozen = [op.is_weight or self._is_constant(op) for op in operands]
         if contracted:
             self._flag_produced(operands, out_letters)
@@ -222,9 +221,14 @@ class Ctx:
                     continue
                 only = of_space(op.labels, lab.space)
                 scope = "head" if not lab.full else ("channel" if _blocks_survive(op, ch, out_letters) else "all")
-                self.block_labels(only, scope, "a sum over channels whose removed entries are not zero in the "
-                                  "masked model (an offset, a constant/buffer operand or an op with f(0) != 0 "
-                                  "on every side): removing them would change it", node)
+                self.block_labels(
+                    only,
+                    scope,
+                    "a sum over channels whose removed entries are not zero in the "
+                    "masked model (an offset, a constant/buffer operand or an op with f(0) != 0 "
+                    "on every side): removing them would change it",
+                    node,
+                )
 
     def _is_zero(self, lab: AxisLabel) -> bool:
         """Removed positions of ``lab`` are exactly 0 in the masked dense model."""
@@ -254,9 +258,7 @@ class Ctx:
         no V channel; labelling it with Q's heads would mix two spaces on one tensor).
         """
         carriers = [
-            op
-            for op in operands
-            if any(lab.full and ch in out_letters for ch, lab in op.letter_labels().items())
+            op for op in operands if any(lab.full and ch in out_letters for ch, lab in op.letter_labels().items())
         ]
         ordered = sorted(operands, key=lambda op: -_weight_in_output(op, out_letters))
         out: list[AxisLabel | None] = []

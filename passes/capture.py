@@ -39,9 +39,7 @@ def check_inputs(model: Any, example_inputs: Any, allow_meta: bool = False, what
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise CaptureInputError(
-            f"{what} must be a non-empty tuple of tensors, got {type(example_inputs).__name__}"
-        )
+        raise CaptureInputError(f"{what} must be a non-empty tuple of tensors, got {type(example_inputs).__name__}")
     for i, x in enumerate(example_inputs):
         if isinstance(x, Mapping):
             raise CaptureInputError(f"{what}[{i}] is a dict: pass tensors positionally")
@@ -135,14 +133,27 @@ def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any) 
     try:
         return program.module()
     except Exception as err:  # e.g. a submodule named like a Python keyword
-        raise CaptureFailed(f"torch.export traced {type(model).__name__} but could not rebuild it as a module: "
-                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise CaptureFailed(
+            f"torch.export traced {type(model).__name__} but could not rebuild it as a module: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
 
 
 _SAME_DTYPE_OPS = {
-    "aten::linear", "aten::mm", "aten::bmm", "aten::matmul", "aten::addmm", "aten::baddbmm", "aten::addbmm",
-    "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution", "aten::conv_transpose1d",
-    "aten::conv_transpose2d", "aten::conv_transpose3d",
+    "aten::linear",
+    "aten::mm",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::addmm",
+    "aten::baddbmm",
+    "aten::addbmm",
+    "aten::conv1d",
+    "aten::conv2d",
+    "aten::conv3d",
+    "aten::convolution",
+    "aten::conv_transpose1d",
+    "aten::conv_transpose2d",
+    "aten::conv_transpose3d",
 }  # ops that fail at run time on mixed dtypes (norms may mix on purpose, masks and indices differ in dtype)
 
 
@@ -159,8 +170,14 @@ def dtype_mismatch(gm: fx.GraphModule) -> str | None:
         if len(dtypes) < 2:
             continue
         fed = [n for n in _input_ancestors(node) if n.name in inputs]
-        which = ", ".join(f"input {inputs[n.name]} is {n.meta['val'].dtype}" for n in fed
-                          if isinstance(n.meta.get("val"), torch.Tensor)) or "the inputs"
+        which = (
+            ", ".join(
+                f"input {inputs[n.name]} is {n.meta['val'].dtype}"
+                for n in fed
+                if isinstance(n.meta.get("val"), torch.Tensor)
+            )
+            or "the inputs"
+        )
         return (
             f"dtype mismatch: {schema_name(node.target)} (node {node.name}) gets tensors of dtypes "
             f"{sorted(str(d) for d in dtypes)}; {which}. Pass example inputs of the dtype the model expects "

@@ -62,9 +62,7 @@ def new_sizes(labels: Labels, shape: list[int], keep: np.ndarray, spaces) -> lis
     return out
 
 
-def remap_slice(
-    labels: Labels, axis: int, bounds: tuple[int, int, int], keep, spaces
-) -> tuple[int, int, int]:
+def remap_slice(labels: Labels, axis: int, bounds: tuple[int, int, int], keep, spaces) -> tuple[int, int, int]:
     """New (start, end, step) on ``axis`` selecting exactly the kept positions the old slice selected."""
     lab = labels[axis]
     axes = _outer_first(labels, spaces_of(labels)[lab.space])

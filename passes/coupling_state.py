@@ -68,9 +68,7 @@ class Blocker:
 @dataclass
 class CouplingFacts:
     spaces: list[Space] = field(default_factory=list)
-    ties: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(
-        default_factory=lambda: {k: [] for k in TIE_KINDS}
-    )
+    ties: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=lambda: {k: [] for k in TIE_KINDS})
     flags: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in FLAGS})
     blockers: list[Blocker] = field(default_factory=list)
     block_size: dict[int, int] = field(default_factory=dict)  # space id -> channels per head block

@@ -152,7 +152,9 @@ def _unit_kinds(flags, chans: np.ndarray, starts: np.ndarray, granularity: str) 
     head = has["score"] & has["value"] if granularity == "head" else np.zeros_like(has["score"])
     code = np.select(
         [has["residual"], head, has["score"], has["value"], has["param_sink"] | has["sum_sink"]],
-        [0, 1, 2, 3, 4], default=5)
+        [0, 1, 2, 3, 4],
+        default=5,
+    )
     return [KIND_NAMES[c] for c in code.tolist()]
 
 

@@ -204,9 +204,7 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
     for path, a in _tensor_args(node):
         shape = ctx.shape(a)
         operands.append(
-            Operand(
-                ctx.labels_or_none(a), shape, letters[len(letters) - len(shape) :], path, ctx.is_weight(a)
-            )
+            Operand(ctx.labels_or_none(a), shape, letters[len(letters) - len(shape) :], path, ctx.is_weight(a))
         )
     was_unlabelled = [all(lab is None for lab in op.labels) and not op.is_weight for op in operands]
     if not any(any(op.labels) and not op.is_weight for op in operands) and any(was_unlabelled):
@@ -416,9 +414,7 @@ def _drop_axes(ctx: Ctx, node: fx.Node, labels: Labels, drop: set[int]) -> Label
         lab = labels[a]
         if lab is None:
             continue
-        sibling = next(
-            (k for k, other in enumerate(out) if other is not None and other.space == lab.space), None
-        )
+        sibling = next((k for k, other in enumerate(out) if other is not None and other.space == lab.space), None)
         if sibling is None:
             block_input(ctx, node, "a single channel is selected out of its space")
             return None
@@ -513,7 +509,7 @@ def _select(ctx: Ctx, node: fx.Node) -> Labels | None:
     if labels[d] is None:
         return labels[:d] + labels[d + 1 :]
     picked = labels[d].with_arr(labels[d].arr[[index]])
-    return _drop_axes(ctx, node, (*labels[:d], picked, *labels[d + 1:]), {d})
+    return _drop_axes(ctx, node, (*labels[:d], picked, *labels[d + 1 :]), {d})
 
 
 def _pieces(ctx: Ctx, node: fx.Node, dim: int, bounds: list[tuple[int, int]]) -> list[Labels] | None:
@@ -564,7 +560,7 @@ def _unbind(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
     out = []
     for i in range(ctx.shape(node.args[0])[d]):
         picked = labels[d].with_arr(labels[d].arr[[i]]) if labels[d] is not None else None
-        dropped = _drop_axes(ctx, node, (*labels[:d], picked, *labels[d + 1:]), {d})
+        dropped = _drop_axes(ctx, node, (*labels[:d], picked, *labels[d + 1 :]), {d})
         if dropped is None:
             return None
         out.append(dropped)
@@ -919,17 +915,14 @@ def _add_bias(ctx: Ctx, node: fx.Node, out: Labels, bias, path) -> Labels:
     bshape = ctx.shape(bias)
     ops = [
         Operand(out, shape, letters, None, False),
-        Operand(
-            ctx.labels_or_none(bias), bshape, letters[len(letters) - len(bshape) :], path, ctx.is_weight(bias)
-        ),
+        Operand(ctx.labels_or_none(bias), bshape, letters[len(letters) - len(bshape) :], path, ctx.is_weight(bias)),
     ]
     return ctx.combine(node, ops, letters)
 
 
 def _contract(ctx: Ctx, node: fx.Node, specs, out_letters: list[str]) -> Labels:
     operands = [
-        Operand(ctx.labels_or_none(a), ctx.shape(a), letters, path, ctx.is_weight(a))
-        for a, path, letters in specs
+        Operand(ctx.labels_or_none(a), ctx.shape(a), letters, path, ctx.is_weight(a)) for a, path, letters in specs
     ]
     return ctx.combine(node, operands, out_letters)
 
@@ -993,9 +986,7 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Labels:
     q, k, v = node.args[0], node.args[1], node.args[2]
     rank = len(ctx.shape(q))
     batch = [f"b{i}" for i in range(rank - 2)]
-    scores = _contract(
-        ctx, node, [(q, (0,), [*batch, "l", "e"]), (k, (1,), [*batch, "s", "e"])], [*batch, "l", "s"]
-    )
+    scores = _contract(ctx, node, [(q, (0,), [*batch, "l", "e"]), (k, (1,), [*batch, "s", "e"])], [*batch, "l", "s"])
     score_shape = [*ctx.shape(q)[:-1], ctx.shape(k)[-2]]
     mask = arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):

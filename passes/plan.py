@@ -53,9 +53,7 @@ def keep_count(n: int, sparsity: float, round_to: int) -> int:
     return max(1, min(n, kept))
 
 
-def plan_group(
-    group: CoupledUnits, scores: np.ndarray, facts: CouplingFacts, settings: PlanSettings
-) -> np.ndarray:
+def plan_group(group: CoupledUnits, scores: np.ndarray, facts: CouplingFacts, settings: PlanSettings) -> np.ndarray:
     """Boolean keep flag per unit of ``group``."""
     if settings.sparsity == 0.0:
         return np.ones(len(group.units), dtype=bool)
@@ -73,13 +71,14 @@ def why_nothing_removed(group: CoupledUnits, facts: CouplingFacts, settings: Pla
         return "global allocation kept it whole (its units score above the budget's cut)"
     if group.kind == "head" or not group.blocks:
         n = len(group.units)
-        return (f"the keep count rounds to all {n} units (sparsity {settings.sparsity:g}, "
-                f"round_to {settings.round_to})")
+        return f"the keep count rounds to all {n} units (sparsity {settings.sparsity:g}, round_to {settings.round_to})"
     width = max(_block_totals(_unit_widths(group, facts)).values())
     if keep_count(width, settings.sparsity, settings.round_to) >= width:
         return f"the per-head keep count rounds to the full {width} (round_to {settings.round_to})"
-    return ("no per-head channel count below the full width fits every head (its units hold different "
-            "numbers of channels in different heads)")
+    return (
+        "no per-head channel count below the full width fits every head (its units hold different "
+        "numbers of channels in different heads)"
+    )
 
 
 def _unit_widths(group: CoupledUnits, facts: CouplingFacts) -> list[dict[int, int]]:
@@ -169,8 +168,9 @@ def channel_flops(facts: CouplingFacts) -> np.ndarray:
         seen: set[frozenset[str]] = set()
         for op in c.operands:
             for space in {lab.space for lab in op.labels if lab is not None}:
-                letters = [ch for ch, lab in zip(op.letters, op.labels, strict=True)
-                           if lab is not None and lab.space == space]
+                letters = [
+                    ch for ch, lab in zip(op.letters, op.labels, strict=True) if lab is not None and lab.space == space
+                ]
                 key = frozenset(letters)
                 if key in seen or not all(op.labels[op.letters.index(ch)].full for ch in letters):
                     continue
@@ -299,8 +299,10 @@ def _uniform_to_budget(groups, scores, costs, facts, settings) -> list[np.ndarra
     lo, hi = 0.0, 0.999
     for _ in range(30):  # bisection on the channel ratio (removed cost grows with it, in steps)
         mid = (lo + hi) / 2
-        plans = [plan_group(g, s, facts, PlanSettings(mid, settings.round_to, settings.granularity))
-                 for g, s in zip(groups, scores, strict=True)]
+        plans = [
+            plan_group(g, s, facts, PlanSettings(mid, settings.round_to, settings.granularity))
+            for g, s in zip(groups, scores, strict=True)
+        ]
         removed = sum(float(c[~k].sum()) for c, k in zip(costs, plans, strict=True))
         gap = abs(removed - target)
         if best_gap is None or gap < best_gap:

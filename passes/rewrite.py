@@ -91,11 +91,14 @@ def _symbolic_conflicts(analysis: Analysis, node: fx.Node, keep: np.ndarray) -> 
     for axis in _symbolic_changed_axes(node, sizes):
         lab = labels[axis]
         if lab is not None:
-            out.setdefault(lab.space, (
-                f"{SYMBOLIC_REASON} axis {axis} of node {node.name} ({schema_name(node.target)}) is sized by "
-                f"a symbolic expression that would change from {_shape(node)[axis]} to {sizes[axis]}; the "
-                "rewrite patches literal sizes only (use static shapes, or granularity='channel')"
-            ))
+            out.setdefault(
+                lab.space,
+                (
+                    f"{SYMBOLIC_REASON} axis {axis} of node {node.name} ({schema_name(node.target)}) is sized by "
+                    f"a symbolic expression that would change from {_shape(node)[axis]} to {sizes[axis]}; the "
+                    "rewrite patches literal sizes only (use static shapes, or granularity='channel')"
+                ),
+            )
     return out
 
 
@@ -275,8 +278,11 @@ def _patch_unflatten(analysis, node, keep) -> None:
     d = norm_dim(node.args[1], len(_shape(node.args[0])))
     n = len(node.args[2])
     node.update_arg(  # symbolic sizes (unchanged, checked above) are kept as they are
-        2, [lit if lit == -1 or not isinstance(lit, int) else s
-            for s, lit in zip(sizes[d : d + n], node.args[2], strict=True)]
+        2,
+        [
+            lit if lit == -1 or not isinstance(lit, int) else s
+            for s, lit in zip(sizes[d : d + n], node.args[2], strict=True)
+        ],
     )
 
 

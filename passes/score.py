@@ -38,9 +38,7 @@ def channel_norms(facts: CouplingFacts, params: dict[str, torch.Tensor], spaces:
     return out
 
 
-def coupled_magnitude(
-    group: CoupledUnits, facts: CouplingFacts, params: dict[str, torch.Tensor]
-) -> np.ndarray:
+def coupled_magnitude(group: CoupledUnits, facts: CouplingFacts, params: dict[str, torch.Tensor]) -> np.ndarray:
     """One score per unit of ``group`` (see module docstring); units with no weight slice score 1.
 
     Vectorised over the group's own channels (no array over all channels of the model), with the same
@@ -57,8 +55,9 @@ def coupled_magnitude(
         mine = (chans >= space.offset) & (chans < space.offset + space.size)
         if not mine.any():
             continue
-        sums = np.bincount(unit_of[mine], weights=norms[chans[mine] - space.offset].astype(np.float64),
-                           minlength=len(group.units))
+        sums = np.bincount(
+            unit_of[mine], weights=norms[chans[mine] - space.offset].astype(np.float64), minlength=len(group.units)
+        )
         present = np.bincount(unit_of[mine], minlength=len(group.units)) > 0
         scores = np.where(present, scores * np.sqrt(sums), scores)
     return scores

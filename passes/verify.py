@@ -18,9 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 
-def masked_copy(
-    model: torch.nn.Module, removed: Iterable[tuple[str, int, tuple[int, ...]]]
-) -> torch.nn.Module:
+def masked_copy(model: torch.nn.Module, removed: Iterable[tuple[str, int, tuple[int, ...]]]) -> torch.nn.Module:
     """A deep copy of ``model`` with the removed indices of each (param, dim) zeroed."""
     masked = copy.deepcopy(model)
     params = dict(masked.named_parameters(remove_duplicate=False))

@@ -64,9 +64,7 @@ def reshape_labels(labels: Labels, in_shape: list[int], out_shape: list[int]) ->
         labelled = [labels[a] for a in ins if labels[a] is not None]
         if any(lab.full for lab in labelled):  # head-block labels do not survive a merge with channels
             labelled = [lab for lab in labelled if lab.full]
-            labels = tuple(
-                lab if lab is None or lab.full or a not in ins else None for a, lab in enumerate(labels)
-            )
+            labels = tuple(lab if lab is None or lab.full or a not in ins else None for a, lab in enumerate(labels))
         if not labelled:
             continue
         spaces = {lab.space for lab in labelled}
@@ -126,11 +124,7 @@ def fold_constant_axes(labels: Labels) -> Labels:
         if lab is None or len(lab.arr) != 1:
             continue
         sibling = next(
-            (
-                k
-                for k, o in enumerate(out)
-                if k != a and o is not None and o.space == lab.space and len(o.arr) > 1
-            ),
+            (k for k, o in enumerate(out) if k != a and o is not None and o.space == lab.space and len(o.arr) > 1),
             None,
         )
         if sibling is not None:

@@ -49,8 +49,15 @@ def draw(groups, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.2))
     nodes = list(graph.nodes)
     nx.draw_networkx_edges(graph, pos, ax=ax, edge_color="#888888")
-    nx.draw_networkx_nodes(graph, pos, ax=ax, nodelist=nodes, node_color=[colours[n] for n in nodes],
-                           node_size=[1900 if "#" in n else 1500 for n in nodes], edgecolors="#444444")
+    nx.draw_networkx_nodes(
+        graph,
+        pos,
+        ax=ax,
+        nodelist=nodes,
+        node_color=[colours[n] for n in nodes],
+        node_size=[1900 if "#" in n else 1500 for n in nodes],
+        edgecolors="#444444",
+    )
     nx.draw_networkx_labels(graph, pos, labels, ax=ax, font_size=7)
     ax.set_title("Coupled groups discovered from dataflow in one Llama (GQA, RoPE, SwiGLU) layer")
     ax.axis("off")

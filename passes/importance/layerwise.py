@@ -115,8 +115,12 @@ def _nbytes(t) -> int:
 
 
 def channel_energy(
-    gm: fx.GraphModule, facts, groups: list[CoupledUnits], batches: Sequence[tuple],
-    source: Mapping[str, torch.Tensor] | None = None, stats: dict | None = None,
+    gm: fx.GraphModule,
+    facts,
+    groups: list[CoupledUnits],
+    batches: Sequence[tuple],
+    source: Mapping[str, torch.Tensor] | None = None,
+    stats: dict | None = None,
 ) -> np.ndarray:
     """Mean over ``batches`` of the per-channel sink energy (as ``activation.channel_energy``), computed
     segment by segment. ``source``: name -> tensor for every weight and buffer the graph reads (default:
@@ -135,4 +139,3 @@ def channel_energy(
     if stats is not None:
         stats.update(segments=len(segs), peak_weight_bytes=collector.peak_loaded)
     return acc / max(1, len(batches))
-

@@ -227,12 +227,20 @@ def test_calibration_batches_unlike_the_example_inputs(batch, match):
 def test_calibration_may_vary_on_dynamic_axes_only():
     x = torch.randn(4, 8)
     dyn = ({0: torch.export.Dim("batch", min=2, max=16)},)
-    out = ecospa_fx.compress(_mlp(), (x,), 0.5, importance="activation", dynamic_shapes=dyn,
-                             calibration=[(torch.randn(3, 8),), (torch.randn(6, 8),)], round_to=1)
+    out = ecospa_fx.compress(
+        _mlp(),
+        (x,),
+        0.5,
+        importance="activation",
+        dynamic_shapes=dyn,
+        calibration=[(torch.randn(3, 8),), (torch.randn(6, 8),)],
+        round_to=1,
+    )
     assert out.get_parameter("0.weight").shape == (16, 8)
     with pytest.raises(InputError, match=r"calibration\[0\]\[0\] .*axis 0 is 1, outside the dynamic range \[2, 16\]"):
-        ecospa_fx.compress(_mlp(), (x,), 0.5, importance="activation", dynamic_shapes=dyn,
-                           calibration=[(torch.randn(1, 8),)])
+        ecospa_fx.compress(
+            _mlp(), (x,), 0.5, importance="activation", dynamic_shapes=dyn, calibration=[(torch.randn(1, 8),)]
+        )
 
 
 def test_empty_calibration_is_an_input_error():

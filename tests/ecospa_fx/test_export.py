@@ -42,8 +42,9 @@ def test_compressed_exports_with_dynamic_batch_and_seq(name, tmp_path):
     case = case_by_name(name)
     model, inputs = case.build(), case.inputs()
     compressed = ecospa_fx.compress(model, inputs, 0.5, dynamic_shapes=token_dynamic_shapes(inputs))
-    result = export_onnx(compressed, inputs, tmp_path / "m.onnx",
-                         parity_inputs=[_tokens(b, s) for b, s in OTHER_SHAPES])
+    result = export_onnx(
+        compressed, inputs, tmp_path / "m.onnx", parity_inputs=[_tokens(b, s) for b, s in OTHER_SHAPES]
+    )
     # structure: one dynamic file, opset 24, the compressed (not the dense) weights inside
     assert result.path.is_file() and result.checked
     assert result.opset == DEFAULT_OPSET
@@ -143,7 +144,13 @@ def test_export_leaves_every_submodule_mode_as_it_was(tmp_path):
 
 
 MODERN = [
-    "hf_qwen3", "hf_gemma3", "hf_olmo2", "hf_cohere_qk_norm", "hf_phi", "hf_olmo_clip_qkv", "hf_nemotron_relu2",
+    "hf_qwen3",
+    "hf_gemma3",
+    "hf_olmo2",
+    "hf_cohere_qk_norm",
+    "hf_phi",
+    "hf_olmo_clip_qkv",
+    "hf_nemotron_relu2",
     "hf_gpt_oss_sinks",
 ]
 

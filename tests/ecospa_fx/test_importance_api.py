@@ -39,20 +39,28 @@ def test_every_criterion_passes_the_mask_oracle(llama, importance):
     assert {g.kind for g in report.groups} == {"qk", "vo", "ffn"}
 
 
-@pytest.mark.parametrize(("allocation", "budget"), [("global", "channels"), ("global", "params"),
-                                                    ("global", "flops"), ("uniform", "params")])
+@pytest.mark.parametrize(
+    ("allocation", "budget"), [("global", "channels"), ("global", "params"), ("global", "flops"), ("uniform", "params")]
+)
 def test_budgets_pass_the_mask_oracle(llama, allocation, budget):
     model, inputs, calibration = llama
-    out = ecospa_fx.compress(model, inputs, 0.3, importance="activation", calibration=calibration,
-                             allocation=allocation, budget=budget, max_sparsity=0.8)
+    out = ecospa_fx.compress(
+        model,
+        inputs,
+        0.3,
+        importance="activation",
+        calibration=calibration,
+        allocation=allocation,
+        budget=budget,
+        max_sparsity=0.8,
+    )
     assert out.ecospa_report.max_abs_diff < 1e-4
 
 
 def test_head_granularity_with_activation_scores():
     case = case_by_name("hf_bert")
     model, inputs = case.build(), case.inputs()
-    out = ecospa_fx.compress(model, inputs, 0.5, granularity="head", importance="activation",
-                             calibration=[inputs])
+    out = ecospa_fx.compress(model, inputs, 0.5, granularity="head", importance="activation", calibration=[inputs])
     assert out.ecospa_report.max_abs_diff < 1e-4
 
 
@@ -77,8 +85,9 @@ def test_new_config_fields_are_validated():
         CompressConfig(max_sparsity=0.0)
 
 
-@pytest.mark.parametrize(("name", "granularity"), [("hf_llama_gqa", "channel"), ("hf_bert", "channel"),
-                                                   ("hf_llama_gqa", "head")])
+@pytest.mark.parametrize(
+    ("name", "granularity"), [("hf_llama_gqa", "channel"), ("hf_bert", "channel"), ("hf_llama_gqa", "head")]
+)
 def test_compensation_passes_the_oracle_and_adds_output_biases(name, granularity):
     """The oracle compares against masked dense + the same biases, so it stays exact; the biases exist
     (created on bias-free Llama linears) and make the output differ from the uncompensated model."""
@@ -125,8 +134,14 @@ def test_progress_reports_every_calibration_batch():
     case = case_by_name("hf_llama_gqa")
     model, inputs = case.build(), case.inputs()
     calls = []
-    ecospa_fx.compress(model, inputs, 0.5, importance="activation", calibration=[inputs] * 3,
-                       progress=lambda done, total: calls.append((done, total)))
+    ecospa_fx.compress(
+        model,
+        inputs,
+        0.5,
+        importance="activation",
+        calibration=[inputs] * 3,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[0] == (0, 3) and calls[-1] == (3, 3)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
@@ -141,8 +156,15 @@ def test_fisher_leaves_the_user_grads_and_flags_as_they_were():
     model[0].bias.requires_grad_(False)
     grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
     objects = {n: p.grad for n, p in model.named_parameters()}
-    ecospa_fx.compress(model, (x,), 0.5, importance="fisher", calibration=[(x,), (torch.randn(4, 8),)],
-                       loss_fn=lambda out, batch: out.pow(2).mean(), round_to=1)
+    ecospa_fx.compress(
+        model,
+        (x,),
+        0.5,
+        importance="fisher",
+        calibration=[(x,), (torch.randn(4, 8),)],
+        loss_fn=lambda out, batch: out.pow(2).mean(),
+        round_to=1,
+    )
     for name, p in model.named_parameters():
         assert p.grad is objects[name], name
         if grads[name] is not None:

@@ -22,9 +22,11 @@ def setup():
 def attention_table(slow_below: int):
     """A GPU-like attention cost table: time per head, 3x slower once head_dim < ``slow_below`` (the
     measured 3B 1x128 case), plus one unit per million parameters for the GEMMs."""
+
     def cost(c: Candidate) -> float:
         attention = sum(h * d * (3.0 if d < slow_below else 1.0) for h, d in c.attention)
         return attention + c.params / 1e6
+
     return cost
 
 

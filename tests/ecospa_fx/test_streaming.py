@@ -25,8 +25,14 @@ from ecospa_fx.streaming import (
 
 def _config(tied: bool) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, use_cache=False, tie_word_embeddings=tied,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+        tie_word_embeddings=tied,
     )
 
 

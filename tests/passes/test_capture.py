@@ -33,8 +33,9 @@ def test_captured_module_is_marked_eval():
 
 
 def test_train_mode_modules_lists_only_mode_dependent_ones():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Dropout(0.1), nn.BatchNorm1d(4),
-                          nn.InstanceNorm1d(4), nn.LayerNorm(4)).train()
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Dropout(0.0), nn.Dropout(0.1), nn.BatchNorm1d(4), nn.InstanceNorm1d(4), nn.LayerNorm(4)
+    ).train()
     assert train_mode_modules(model) == ["2 (Dropout)", "3 (BatchNorm1d)"]
     model[3].eval()
     assert train_mode_modules(model) == ["2 (Dropout)"]

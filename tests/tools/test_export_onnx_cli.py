@@ -18,15 +18,24 @@ TOOL = ROOT / "tools" / "export_onnx.py"
 
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -48,8 +57,18 @@ def test_compresses_exports_and_checks_parity(model_dir, tmp_path):
 
 
 def test_parity_above_tolerance_exits_3(model_dir, tmp_path):
-    proc = run(str(model_dir), "--out", str(tmp_path / "m.onnx"), "--sparsity", "0", "--static",
-               "--seq", "8", "--atol", "1e-12")
+    proc = run(
+        str(model_dir),
+        "--out",
+        str(tmp_path / "m.onnx"),
+        "--sparsity",
+        "0",
+        "--static",
+        "--seq",
+        "8",
+        "--atol",
+        "1e-12",
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "output 'logits': onnxruntime differs from PyTorch by" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -169,9 +169,7 @@ def _print_ops(rows, key, title) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("names", nargs="*")
-    ap.add_argument(
-        "--decomp", action="store_true", help="also run ep.run_decompositions() and list the core-ATen ops"
-    )
+    ap.add_argument("--decomp", action="store_true", help="also run ep.run_decompositions() and list the core-ATen ops")
     ap.add_argument("--ops", action="store_true", help="list exported call_function targets")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")

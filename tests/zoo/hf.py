@@ -532,9 +532,7 @@ def _mixtral_post(config):
 
 
 def _mixtral() -> ZooCase:
-    m = _meta(
-        kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim", experts=4, top_k=2
-    )
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim", experts=4, top_k=2)
     return _case(
         "hf_mixtral",
         tf.MixtralForCausalLM,

@@ -29,13 +29,26 @@ COMMON = {
 
 
 def _gemma3() -> ZooCase:
-    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim",
-              qk_norm="Gemma RMSNorm over head_dim, x * (1 + w)")
+    m = _meta(
+        kv_heads=2,
+        head_dim=8,
+        hidden=32,
+        ffn=64,
+        rotary="rotate_half, full head_dim",
+        qk_norm="Gemma RMSNorm over head_dim, x * (1 + w)",
+    )
     return _case(
-        "hf_gemma3", tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, **COMMON, head_dim=8, sliding_window=4,
+        "hf_gemma3",
+        tf.Gemma3ForCausalLM,
+        tf.Gemma3TextConfig,
+        **COMMON,
+        head_dim=8,
+        sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
-        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
-        notes=_shape_note(m) + (
+        expect={"qk": L, "vo": L, "ffn": L},
+        meta=m,
+        notes=_shape_note(m)
+        + (
             "Gemma3: q_norm/k_norm are RMSNorms over head_dim scaled by (1 + w); the mean of squares keeps its "
             "original divisor, the (1 + w) weight is sliced with the channels. Sliding and full attention "
             "layers, query_pre_attn_scalar pinned by SDPA's scale, GeGLU (gelu_pytorch_tanh) FFN."
@@ -44,12 +57,23 @@ def _gemma3() -> ZooCase:
 
 
 def _olmo2() -> ZooCase:
-    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim",
-              qk_norm="RMSNorm over the whole q / k projection")
+    m = _meta(
+        kv_heads=2,
+        head_dim=8,
+        hidden=32,
+        ffn=64,
+        rotary="rotate_half, full head_dim",
+        qk_norm="RMSNorm over the whole q / k projection",
+    )
     return _case(
-        "hf_olmo2", tf.Olmo2ForCausalLM, tf.Olmo2Config, **COMMON,
-        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
-        notes=_shape_note(m) + (
+        "hf_olmo2",
+        tf.Olmo2ForCausalLM,
+        tf.Olmo2Config,
+        **COMMON,
+        expect={"qk": L, "vo": L, "ffn": L},
+        meta=m,
+        notes=_shape_note(m)
+        + (
             "OLMo2: q_norm/k_norm are RMSNorms over the whole projection (32 and 16 wide) before the view to "
             "heads; the weight follows the channels one to one, and whole heads keep the original divisor too."
         ),
@@ -57,12 +81,25 @@ def _olmo2() -> ZooCase:
 
 
 def _cohere() -> ZooCase:
-    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="interleaved, full head_dim",
-              qk_norm="centring LayerNorm over head_dim, per-head weight [H, head_dim]")
+    m = _meta(
+        kv_heads=2,
+        head_dim=8,
+        hidden=32,
+        ffn=64,
+        rotary="interleaved, full head_dim",
+        qk_norm="centring LayerNorm over head_dim, per-head weight [H, head_dim]",
+    )
     return _case(
-        "hf_cohere_qk_norm", tf.CohereForCausalLM, tf.CohereConfig, **COMMON, use_qk_norm=True,
-        expect={"qk": 0, "vo": L, "ffn": L}, meta=m, skipped_min=L,
-        notes=_shape_note(m) + (
+        "hf_cohere_qk_norm",
+        tf.CohereForCausalLM,
+        tf.CohereConfig,
+        **COMMON,
+        use_qk_norm=True,
+        expect={"qk": 0, "vo": L, "ffn": L},
+        meta=m,
+        skipped_min=L,
+        notes=_shape_note(m)
+        + (
             "Cohere with use_qk_norm: a centring LayerNorm over head_dim (x - mean is not 0 where a channel "
             "was removed), so head_dim qk pruning is inexact and stays dense with that reason. Whole heads "
             "are exact: the per-head weight [H, head_dim] goes with its head (head granularity)."
@@ -73,9 +110,15 @@ def _cohere() -> ZooCase:
 def _phi() -> ZooCase:
     m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half on first 4 of 8 dims")
     return _case(
-        "hf_phi", tf.PhiForCausalLM, tf.PhiConfig, **COMMON, partial_rotary_factor=0.5,
-        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
-        notes=_shape_note(m) + (
+        "hf_phi",
+        tf.PhiForCausalLM,
+        tf.PhiConfig,
+        **COMMON,
+        partial_rotary_factor=0.5,
+        expect={"qk": L, "vo": L, "ffn": L},
+        meta=m,
+        notes=_shape_note(m)
+        + (
             "Phi-2 style partial rotary at half of head_dim: a rotary pair spans every head, a pass-through "
             "channel one KV group; one per-head fill plans both (0 units were removed before). Parallel "
             "attention + MLP on one LayerNorm, biased projections, gelu_new FFN."
@@ -86,9 +129,15 @@ def _phi() -> ZooCase:
 def _olmo_clip() -> ZooCase:
     m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half, full head_dim")
     return _case(
-        "hf_olmo_clip_qkv", tf.OlmoForCausalLM, tf.OlmoConfig, **COMMON, clip_qkv=2.0,
-        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
-        notes=_shape_note(m) + (
+        "hf_olmo_clip_qkv",
+        tf.OlmoForCausalLM,
+        tf.OlmoConfig,
+        **COMMON,
+        clip_qkv=2.0,
+        expect={"qk": L, "vo": L, "ffn": L},
+        meta=m,
+        notes=_shape_note(m)
+        + (
             "OLMo with clip_qkv: q, k, v clamped in place to [-2, 2] (clamp_ of 0 is 0: zero-preserving, "
             "decided by evaluating the op), non-parametric LayerNorms."
         ),
@@ -98,10 +147,16 @@ def _olmo_clip() -> ZooCase:
 def _nemotron() -> ZooCase:
     m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half on first 4 of 8 dims")
     return _case(
-        "hf_nemotron_relu2", tf.NemotronForCausalLM, tf.NemotronConfig, **COMMON, head_dim=8,
+        "hf_nemotron_relu2",
+        tf.NemotronForCausalLM,
+        tf.NemotronConfig,
+        **COMMON,
+        head_dim=8,
         partial_rotary_factor=0.5,
-        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
-        notes=_shape_note(m) + (
+        expect={"qk": L, "vo": L, "ffn": L},
+        meta=m,
+        notes=_shape_note(m)
+        + (
             "Nemotron: squared-ReLU FFN down(relu(up(x))^2) (aten.pow / square from the pointwise registry), "
             "LayerNorm1P, partial rotary at half of head_dim."
         ),
@@ -115,11 +170,21 @@ def _gpt_oss_post(config):
 def _gpt_oss() -> ZooCase:
     m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=64, rotary="rotate_half (YaRN), full head_dim", experts=4)
     return _case(
-        "hf_gpt_oss_sinks", tf.GptOssForCausalLM, tf.GptOssConfig, **COMMON, head_dim=8, num_local_experts=4,
-        num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-        post=_gpt_oss_post, attn="eager",
-        expect={"qk": L, "vo": L, "ffn": L}, meta=m,
-        notes=_shape_note(m) + (
+        "hf_gpt_oss_sinks",
+        tf.GptOssForCausalLM,
+        tf.GptOssConfig,
+        **COMMON,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        post=_gpt_oss_post,
+        attn="eager",
+        expect={"qk": L, "vo": L, "ffn": L},
+        meta=m,
+        notes=_shape_note(m)
+        + (
             "GPT-OSS: a learned per-head sink logit is concatenated to the attention scores (cat on the key "
             "axis, softmax, drop the sink column); the sink of head h goes with head h at head granularity and "
             "stays whole when head_dim channels go. Routed experts (3-D weights with biases, W[expert_ids], "
