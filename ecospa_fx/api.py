@@ -14,6 +14,7 @@ import torch.fx as fx
 from ecospa_fx.artifact import source_info
 from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import CaptureError, EcospaError, InputError, VerificationError
+from ecospa_fx.generation.target import CaptureTarget, kv_layout
 from ecospa_fx.input_checks import calibration_list, check_batches, require_parameters
 from ecospa_fx.report import Group, Member, Report, Skipped
 from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs, copy_module, train_mode_modules
@@ -25,6 +26,7 @@ from passes.importance.base import ReportingBatches, relative_to_median, wanted_
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
 from passes.plan import PlanSettings, plan_groups, unit_costs, why_nothing_removed
 from passes.rewrite import SYMBOLIC_REASON, RewriteError, apply_plan, preflight
+from passes.state import StateMap
 from passes.verify import oracle_diff
 
 
@@ -63,12 +65,15 @@ def compress(
     inputs = _checked(model, example_inputs)
     require_parameters(model)
     batches = _calibration(model, config, calibration, loss_fn)
-    gm = _capture(model, inputs, dynamic_shapes)
+    target = CaptureTarget.of(model, inputs, batches, dynamic_shapes)
+    inputs, batches = target.inputs, target.batches
+    with target.context():
+        gm = _capture(target.module, inputs, target.dynamic_shapes, guards=not target.state)
     if batches is not None:
         check_batches(gm, inputs, batches)
         if progress is not None:
             batches = ReportingBatches(batches, progress)
-    analysis = analyse(gm)
+    analysis = analyse(gm, target.state)
     groups = build_groups(analysis.facts, config.granularity)
     params = dict(gm.named_parameters(remove_duplicate=False))
     score_inputs = ScoreInputs(gm, analysis.facts, params, analysis.labels, batches, loss_fn, config.seed)
@@ -82,8 +87,12 @@ def compress(
     deltas = _compensate(compressed, score_inputs, groups, keep) if config.compensate and config.sparsity else {}
     report.params_before = _count(gm)
     report.params_after = _count(compressed)
+    state = StateMap.of(analysis, keep) if target.state else None
     if config.verify:
-        _verify(with_output_biases(gm, deltas) if deltas else gm, compressed, inputs, report, config.atol, config.rtol)
+        dense = with_output_biases(gm, deltas) if deltas else gm
+        _verify(dense, compressed, inputs, report, config.atol, config.rtol, state)
+    if target.state:
+        compressed.ecospa_kv = kv_layout(analysis, keep, target)
     compressed.ecospa_compensated = tuple(deltas)
     report.compensated = _compensated_weights(gm, deltas)
     compressed.ecospa_report = report
@@ -117,12 +126,12 @@ def _checked(model, example_inputs, allow_meta: bool = False, what: str = "examp
         raise InputError(str(err)) from None
 
 
-def _capture(model, inputs, dynamic_shapes, *, warn_modes: bool = True) -> fx.GraphModule:
+def _capture(model, inputs, dynamic_shapes, *, warn_modes: bool = True, guards: bool = True) -> fx.GraphModule:
     """Capture in eval mode (every submodule's own mode restored after); with ``warn_modes``, warn once
     when dropout / batch norm submodules were in training mode (the graph computes their eval behaviour)."""
     changed = train_mode_modules(model) if warn_modes else []
     try:
-        gm = capture(model, inputs, dynamic_shapes)
+        gm = capture(model, inputs, dynamic_shapes, guards)
     except CaptureFailed as err:
         raise CaptureError(str(err)) from err.__cause__
     except CaptureInputError as err:
@@ -295,11 +304,12 @@ def _count(gm: torch.nn.Module) -> int:
     return sum(p.numel() for p in gm.parameters())
 
 
-def _verify(dense_gm, compressed, inputs, report: Report, atol: float, rtol: float) -> None:
-    """Mask oracle against the captured dense graph (same ops as the compressed one, in float64)."""
+def _verify(dense_gm, compressed, inputs, report: Report, atol: float, rtol: float, state=None) -> None:
+    """Mask oracle against the captured dense graph (same ops as the compressed one, in float64); a KV
+    cache (``state``) is fed whole to the dense graph and narrowed for the compressed one."""
     removed = [(m.param, m.dim, m.removed) for g in report.groups for m in g.members]
     try:
-        diff, scale = oracle_diff(dense_gm, compressed, inputs, removed)
+        diff, scale = oracle_diff(dense_gm, compressed, inputs, removed, state=state)
     except RuntimeError as err:
         raise VerificationError(
             f"the compressed model does not run on its own example inputs ({str(err).splitlines()[0]}); "

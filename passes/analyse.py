@@ -33,6 +33,9 @@ class Analysis:
     facts: CouplingFacts
     labels: dict[str, LabelValue] = field(default_factory=dict)
     weight_nodes: set[str] = field(default_factory=set)
+    state_inputs: dict[str, int] = field(default_factory=dict)  # carried-state placeholder -> output position
+    state_labels: dict[str, Labels] = field(default_factory=dict)  # what each state input adopted (passes.state)
+    state_readers: dict[str, set[str]] = field(default_factory=dict)  # the cats that labelled it
 
 
 class Ctx:

@@ -105,13 +105,16 @@ def train_mode_modules(model: torch.nn.Module) -> list[str]:
     return out
 
 
-def capture(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
+def capture(
+    model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any = None, guards: bool = True
+) -> fx.GraphModule:
     """Export ``model`` in eval mode and return the unlifted graph module (parameters as ``get_attr``),
     marked ``training=False`` (it computes the eval-mode function). Every submodule of ``model`` keeps its
-    own ``training`` flag."""
+    own ``training`` flag. ``guards=False`` checks inputs against the placeholders' example values instead
+    of export's generated guard function (for graphs whose inputs the rewrite narrows: a KV cache)."""
     with preserved_modes(model):
         model.eval()
-        gm = _export(model, example_inputs, dynamic_shapes)
+        gm = _export(model, example_inputs, dynamic_shapes, guards)
     for module in gm.modules():
         module.training = False
     mismatch = dtype_mismatch(gm)
@@ -120,7 +123,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any =
     return gm
 
 
-def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any) -> fx.GraphModule:
+def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any, guards: bool) -> fx.GraphModule:
     try:
         program = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as err:  # surface the exporter's error with advice
@@ -128,10 +131,10 @@ def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any) 
             f"torch.export could not trace {type(model).__name__}: {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}\n"
             "advice: make forward traceable (no data-dependent Python control flow on tensor values, no "
-            "unsupported outputs); Hugging Face models need use_cache=False"
+            "unsupported outputs)"
         ) from err
     try:
-        return program.module()
+        return program.module(check_guards=guards)
     except Exception as err:  # e.g. a submodule named like a Python keyword
         raise CaptureFailed(
             f"torch.export traced {type(model).__name__} but could not rebuild it as a module: "

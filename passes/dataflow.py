@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from passes.analyse import Analysis, Ctx
 from passes.coupling_state import CouplingFacts
 from passes.op_rules import COPY_OR_SHAPE, RULES, is_pointwise, pointwise_rule, schema_name
+from passes.state import carried_back, check_readers, state_placeholders
 
 
-def analyse(gm: fx.GraphModule) -> Analysis:
-    """Label every node of ``gm`` and collect the coupling facts (ties, flags, blockers)."""
+def analyse(gm: fx.GraphModule, state: Sequence[tuple[int, int]] = ()) -> Analysis:
+    """Label every node of ``gm`` and collect the coupling facts (ties, flags, blockers). ``state`` pairs
+    (input position, output position) declare carried state such as a KV cache (``passes.state``)."""
     params = dict(gm.named_parameters(remove_duplicate=False))
-    analysis = Analysis(gm, CouplingFacts())
+    analysis = Analysis(gm, CouplingFacts(), state_inputs=state_placeholders(gm, state))
     ctx = Ctx(analysis, params)
     for node in gm.graph.nodes:
+        if node.op == "output":
+            check_readers(ctx, gm)  # before outputs: a state blocked here is not carried back
         analysis.labels[node.name] = _visit(ctx, node, params)
     return analysis
 
@@ -59,9 +66,9 @@ def _fail_closed(ctx: Ctx, node: fx.Node, what: str) -> None:
 
 
 def _block_outputs(ctx: Ctx, node: fx.Node) -> None:
-    for a in node.all_input_nodes:
+    for position, a in enumerate(pytree.tree_leaves(node.args[0])):
         labels = ctx.lab(a)
-        if labels is None:
+        if labels is None or carried_back(ctx, position, labels):
             continue
         full = [lab for lab in labels if lab is not None and lab.full]
         scope = "all" if full else "head"

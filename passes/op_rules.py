@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from passes import state
 from passes.analyse import Ctx
 from passes.labels import AxisLabel, Labels, in_whole_blocks, of_space, spaces_of
 from passes.meet import Operand, letter_sizes, tie_operands
@@ -654,7 +655,7 @@ def _cat(ctx: Ctx, node: fx.Node) -> Labels | None:
         return None
     rank = len(ctx.shape(node))
     d = norm_dim(arg(node, 1, "dim", 0), rank)
-    parts = [ctx.labels_or_none(t) for t in tensors]
+    parts = state.adopt(ctx, node, tensors, [ctx.labels_or_none(t) for t in tensors], d)
     along = [p[d] for p in parts if ctx.shape(tensors[parts.index(p)])[d] > 0]
     if any(lab is None for lab in along) and any(lab is not None for lab in along):
         block_input(ctx, node, "cat joins channel and non-channel positions on one axis")

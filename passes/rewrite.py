@@ -21,6 +21,7 @@ from passes.analyse import Analysis, arg_at, concrete
 from passes.compaction import CompactionError, new_sizes, remap_index, remap_slice
 from passes.labels import Labels, of_space
 from passes.op_rules import arg, norm_dim, reduced_axes, schema_name
+from passes.state import narrow_placeholders
 
 aten = torch.ops.aten
 
@@ -42,6 +43,7 @@ def apply_plan(gm: fx.GraphModule, analysis: Analysis, keep: np.ndarray) -> fx.G
         except CompactionError as err:
             raise RewriteError(f"node {node.name} ({node.target}): {err}") from err
     _gather_sites(gm, facts, keep)
+    narrow_placeholders(gm, analysis, keep)
     gm.graph.lint()
     gm.graph.eliminate_dead_code()
     gm.recompile()

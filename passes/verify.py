@@ -80,9 +80,15 @@ def _probe(x, gen: torch.Generator):
 
 
 @torch.no_grad()
-def oracle_diff(model, compressed, example_inputs: tuple, removed, probes: int | None = None) -> tuple[float, float]:
+def oracle_diff(
+    model, compressed, example_inputs: tuple, removed, probes: int | None = None, state=None
+) -> tuple[float, float]:
     """(max |compressed(x) - masked_dense(x)|, max |masked_dense(x)|) over the example inputs and ``probes``
     seeded probes of the same shapes (probes whose dense output is not finite are skipped).
+
+    ``state`` (a ``passes.state.StateMap``) narrows carried-state inputs for the compressed model (the
+    dense model gets them whole, removed channels included: they must not matter) and narrows the dense
+    model's state outputs before comparing.
 
     Both run in float64, so fp32 rounding (which differs between a sum over zeroed terms and a sum
     without them) does not hide or fake a mismatch: an exact rewrite gives ~0.
@@ -90,12 +96,12 @@ def oracle_diff(model, compressed, example_inputs: tuple, removed, probes: int |
     reference = masked_copy(model, removed).eval()
     batches = [example_inputs, *probe_inputs(example_inputs, PROBES if probes is None else probes)]
     try:
-        return _compare(_as_float64(reference), _as_float64(compressed), [_float64(b) for b in batches])
+        return _compare(_as_float64(reference), _as_float64(compressed), [_float64(b) for b in batches], state)
     except RuntimeError:  # a graph that insists on float32 somewhere: compare in the model's dtype
-        return _compare(reference.float(), compressed, batches)
+        return _compare(reference.float(), compressed, batches, state)
 
 
-def _compare(reference, candidate, batches: list[tuple]) -> tuple[float, float]:
+def _compare(reference, candidate, batches: list[tuple], state=None) -> tuple[float, float]:
     worst, scale = 0.0, 0.0
     for k, inputs in enumerate(batches):
         try:
@@ -107,7 +113,10 @@ def _compare(reference, candidate, batches: list[tuple]) -> tuple[float, float]:
         size = max_abs_value(expected)
         if k and not size < float("inf"):
             continue  # nor does one it overflows on
-        worst = max(worst, max_abs_diff(candidate(*inputs), expected))
+        got = candidate(*(state.narrow_inputs(inputs) if state else inputs))
+        if state:
+            expected, got = state.narrow_outputs(pytree.tree_leaves(expected)), pytree.tree_leaves(got)
+        worst = max(worst, max_abs_diff(got, expected))
         scale = max(scale, size)
     return worst, scale
 

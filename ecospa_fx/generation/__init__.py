@@ -1,0 +1,1 @@
+"""Generation with a compressed causal LM: KV-cache capture form, decoding loop, ONNX with past/present."""

@@ -1,0 +1,183 @@
+"""A causal LM with its KV cache as plain tensors: the form that is captured, compressed and exported.
+
+``KVCacheLM(model)(input_ids, attention_mask, position_ids, *past) -> (logits, *present)`` where
+``past``/``present`` are ``k_0, v_0, k_1, v_1, ...`` shaped ``[batch, kv_heads, length, head_dim]`` and
+``present_i = cat([past_i, new_i], length axis)``. Prefill passes empty past tensors (length 0), a decode
+step passes the previous step's present. The cache is state that enters and leaves the graph: input
+``3 + i`` is carried to output ``1 + i`` (``state_pairs``), which is all the pass needs to shrink it with
+the channels (``passes.state``).
+
+Capture notes (torch 2.13, transformers 5.2x), both measured:
+
+* Hugging Face's SDPA attention evaluates ``query_length > 1`` before it looks at the mask, which pins a
+  dynamic sequence length to >= 2 (a graph that cannot decode one token). During capture the model's
+  ``"sdpa"`` attention is swapped for the same computation (``_export_sdpa``: repeat KV heads, SDPA with
+  the explicit mask) and restored after.
+* Export specialises sizes 0 and 1 unless ``backed_size_oblivious`` is on; with it one graph serves
+  prefill (past length 0) and decode (sequence length 1) at any batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+EXPORT_ATTENTION = "ecospa_export_sdpa"
+LEADING_INPUTS = 3  # input_ids, attention_mask, position_ids
+
+
+def is_cached_causal_lm(model: Any) -> bool:
+    """A Hugging Face decoder-only LM that returns a KV cache by default (``use_cache``)."""
+    config = getattr(model, "config", None)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    if not isinstance(model, PreTrainedModel) or config is None:
+        return False
+    if getattr(config, "is_encoder_decoder", False) or not _can_generate(model):
+        return False
+    return bool(getattr(config.get_text_config(decoder=True), "use_cache", False))
+
+
+def _can_generate(model) -> bool:
+    try:
+        return bool(model.can_generate())
+    except Exception:
+        return False
+
+
+class KVCacheLM(torch.nn.Module):
+    """``model`` with its KV cache flattened to positional tensors (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layers = _cache_layers(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if len(past) != 2 * self.n_layers:
+            raise ValueError(f"expected {2 * self.n_layers} past tensors (k, v per layer), got {len(past)}")
+        cache = DynamicCache()
+        cache.layers = []
+        for i in range(0, len(past), 2):
+            layer = DynamicLayer()
+            layer.lazy_initialization(past[i], past[i + 1])
+            layer.keys, layer.values = past[i], past[i + 1]
+            cache.layers.append(layer)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{_cache_keyword(self.model): cache},
+        )
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+    def state_pairs(self) -> list[tuple[int, int]]:
+        return [(LEADING_INPUTS + i, 1 + i) for i in range(2 * self.n_layers)]
+
+
+def _cache_layers(model) -> int:
+    config = model.config.get_text_config(decoder=True)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{type(model).__name__}: its config does not say how many layers it has")
+    return n
+
+
+def _cache_keyword(model) -> str:
+    """``cache`` in newer transformers, ``past_key_values`` before (both accepted by 5.2x)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def empty_past(model, batch: int, dtype: torch.dtype, device="cpu", length: int = 0) -> list[torch.Tensor]:
+    """Dense past tensors of ``length`` for ``model`` (random when length > 0, for capture and probes)."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, kv_heads, length, head_dim)
+    return [torch.randn(shape, generator=gen).to(dtype=dtype, device=device) for _ in range(2 * _cache_layers(model))]
+
+
+def kv_example(model, input_ids: torch.Tensor, past_length: int = 2) -> tuple:
+    """The KV form of ``(input_ids,)``: a full attention mask, positions after ``past_length`` past tokens
+    and random past tensors (so capture and the oracle see a non-empty cache)."""
+    batch, seq = input_ids.shape
+    dtype = next(model.parameters()).dtype
+    mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(past_length, past_length + seq, device=input_ids.device).expand(batch, seq)
+    return (input_ids, mask, positions, *empty_past(model, batch, dtype, input_ids.device, past_length))
+
+
+def kv_batch(model, batch: tuple) -> tuple:
+    """A calibration batch ``(input_ids,)`` or ``(input_ids, attention_mask)`` in KV form with no past."""
+    input_ids = batch[0]
+    b, s = input_ids.shape
+    mask = batch[1] if len(batch) > 1 and batch[1] is not None else torch.ones(b, s, dtype=torch.long)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    dtype = next(model.parameters()).dtype
+    return (input_ids, mask, positions, *empty_past(model, b, dtype, input_ids.device))
+
+
+def kv_dynamic_shapes(example: tuple) -> tuple:
+    """Batch, sequence and past length dynamic (``Dim.AUTO``: export decides what can vary); the past
+    tensors are ``forward``'s ``*past``, one nested entry."""
+    auto = torch.export.Dim.AUTO
+    past = example[LEADING_INPUTS:]
+    return ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
+
+
+@contextlib.contextmanager
+def capture_context(model) -> Iterator[None]:
+    """Export-friendly attention for the capture (restored after) and no 0/1 size specialisation."""
+    import torch.fx.experimental._config as fx_config
+
+    config = model.config
+    swapped = getattr(config, "_attn_implementation", None) == "sdpa"
+    if swapped:
+        _register_export_attention()
+        config._attn_implementation = EXPORT_ATTENTION
+    try:
+        with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+            yield
+    finally:
+        if swapped:
+            config._attn_implementation = "sdpa"
+
+
+def _register_export_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(EXPORT_ATTENTION, _export_sdpa)
+    AttentionMaskInterface.register(EXPORT_ATTENTION, sdpa_mask)
+
+
+def _export_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Hugging Face's SDPA attention without the ``query_length > 1`` test: KV heads repeated to the
+    query heads, the explicit mask applied (causal only when there is no mask and more than one query)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, is_causal=causal
+    )
+    return out.transpose(1, 2).contiguous(), None

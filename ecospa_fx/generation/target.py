@@ -1,0 +1,102 @@
+"""What ``compress`` captures: the model as given, or a cached causal LM in its KV form.
+
+A Hugging Face causal LM loaded with ``use_cache=True`` (the default) is captured as ``KVCacheLM``: the
+user's ``(input_ids,)`` example becomes ``(input_ids, attention_mask, position_ids, *past)``, calibration
+batches get an empty past, and the KV tensors are declared carried state. The compressed module then
+takes and returns a cache of the compressed widths (``KVLayout``), which ``ecospa_fx.generate`` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecospa_fx.errors import InputError
+from ecospa_fx.generation.causal_lm import (
+    LEADING_INPUTS,
+    KVCacheLM,
+    capture_context,
+    is_cached_causal_lm,
+    kv_batch,
+    kv_dynamic_shapes,
+    kv_example,
+)
+from passes.state import state_shapes
+
+
+@dataclass
+class CaptureTarget:
+    """The module to capture, its example inputs and calibration batches, and its carried state."""
+
+    module: torch.nn.Module
+    inputs: tuple
+    batches: list[tuple] | None
+    dynamic_shapes: Any
+    state: list[tuple[int, int]] = field(default_factory=list)
+    source: torch.nn.Module | None = None
+
+    @classmethod
+    def of(cls, model, inputs: tuple, batches, dynamic_shapes) -> CaptureTarget:
+        if not is_cached_causal_lm(model):
+            return cls(model, inputs, batches, dynamic_shapes)
+        _check_token_inputs(inputs, "example_inputs")
+        for b, batch in enumerate(batches or []):
+            _check_token_inputs(batch, f"calibration[{b}]")
+        wrapper = KVCacheLM(model)
+        example = kv_example(model, inputs[0])
+        converted = [kv_batch(model, batch) for batch in batches] if batches is not None else None
+        shapes = dynamic_shapes if dynamic_shapes is not None else kv_dynamic_shapes(example)
+        return cls(wrapper, example, converted, shapes, wrapper.state_pairs(), model)
+
+    def context(self):
+        return capture_context(self.source) if self.source is not None else contextlib.nullcontext()
+
+
+def _check_token_inputs(inputs: tuple, what: str) -> None:
+    """A cached causal LM is compressed from ``(input_ids,)`` or ``(input_ids, attention_mask)``."""
+    ids = inputs[0]
+    if len(inputs) > 2 or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise InputError(
+            f"{what}: a causal LM with a KV cache (use_cache=True) is compressed from (input_ids,) or "
+            "(input_ids, attention_mask), input_ids an integer tensor [batch, seq]; for other inputs load "
+            "it with use_cache=False (then the result has no cache and cannot generate)"
+        )
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the compressed module's cache looks: ``forward(input_ids, attention_mask, position_ids,
+    *past) -> (logits, *present)`` with ``past[i]`` shaped ``[batch, shapes[i][0], length, shapes[i][1]]``."""
+
+    n_layers: int
+    shapes: tuple[tuple[int, int], ...]  # (kv_heads, head_dim) per past tensor, compressed
+    dense_shapes: tuple[tuple[int, int], ...]
+    dtype: torch.dtype
+    leading_inputs: int = LEADING_INPUTS
+
+    def empty_past(self, batch: int, device="cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        return [torch.zeros(batch, h, 0, d, dtype=dtype or self.dtype, device=device) for h, d in self.shapes]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_layers": self.n_layers,
+            "shapes": [list(s) for s in self.shapes],
+            "dense_shapes": [list(s) for s in self.dense_shapes],
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def kv_layout(analysis, keep: np.ndarray, target: CaptureTarget) -> KVLayout:
+    """The compressed cache widths from the state inputs' adopted labels and the keep mask."""
+    narrow = state_shapes(analysis, keep)
+    past = target.inputs[LEADING_INPUTS:]
+    shapes, dense = [], []
+    for k, x in enumerate(past):
+        dense.append((int(x.shape[1]), int(x.shape[3])))
+        new = narrow.get(LEADING_INPUTS + k)
+        shapes.append((int(new[1]), int(new[3])) if new is not None else dense[-1])
+    return KVLayout(target.module.n_layers, tuple(shapes), tuple(dense), past[0].dtype)
