@@ -69,6 +69,7 @@ def compress(
     inputs, batches = target.inputs, target.batches
     with target.context():
         gm = _capture(target.module, inputs, target.dynamic_shapes, guards=not target.state)
+    target.check_capture(gm)
     if batches is not None:
         check_batches(gm, inputs, batches)
         if progress is not None:

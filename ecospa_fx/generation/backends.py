@@ -6,6 +6,7 @@ the length-0 cache a prefill starts from, at the compressed widths.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ class TorchStepper:
                 "Face default) to get a model that generates"
             )
         self.module, self.layout = module, layout
+        self.eos_token_id = list(layout.eos_token_id)
         self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
 
     def empty_past(self, batch: int) -> list[torch.Tensor]:
@@ -65,6 +67,8 @@ class OrtStepper:
         self.widths = [(int(inputs[n].shape[1]), int(inputs[n].shape[3])) for n in self.past_names]
         self.dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
         self.has_positions = "position_ids" in inputs
+        meta = self.session.get_modelmeta().custom_metadata_map.get("ecospa_kv")
+        self.eos_token_id = json.loads(meta).get("eos_token_id", []) if meta else []
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, d), dtype=self.dtype) for h, d in self.widths]

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-EXPORT_ATTENTION = "ecospa_export_sdpa"
 LEADING_INPUTS = 3  # input_ids, attention_mask, position_ids
 
 
@@ -102,15 +101,28 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_shapes(model) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) of every past tensor, read from the cache a one-token forward returns (no
+    config field names: multi-query, grouped and per-layer widths come out as the model makes them)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, **{_cache_keyword(model): DynamicCache()})
+    layers = out.past_key_values.layers
+    if len(layers) != _cache_layers(model):
+        raise ValueError(f"{type(model).__name__}: {len(layers)} cache layers for {_cache_layers(model)} layers")
+    return [(int(t.shape[1]), int(t.shape[3])) for layer in layers for t in (layer.keys, layer.values)]
+
+
 def empty_past(model, batch: int, dtype: torch.dtype, device="cpu", length: int = 0) -> list[torch.Tensor]:
     """Dense past tensors of ``length`` for ``model`` (random when length > 0, for capture and probes)."""
-    config = model.config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     gen = torch.Generator().manual_seed(0)
-    shape = (batch, kv_heads, length, head_dim)
-    return [torch.randn(shape, generator=gen).to(dtype=dtype, device=device) for _ in range(2 * _cache_layers(model))]
+    return [
+        torch.randn((batch, heads, length, dim), generator=gen).to(dtype=dtype, device=device)
+        for heads, dim in cache_shapes(model)
+    ]
 
 
 def kv_example(model, input_ids: torch.Tensor, past_length: int = 2) -> tuple:
@@ -143,41 +155,40 @@ def kv_dynamic_shapes(example: tuple) -> tuple:
 
 @contextlib.contextmanager
 def capture_context(model) -> Iterator[None]:
-    """Export-friendly attention for the capture (restored after) and no 0/1 size specialisation."""
+    """Export-friendly ``"sdpa"`` attention for the capture (restored after) and no 0/1 size
+    specialisation. The swap is of the function registered under ``"sdpa"``: a model that dispatches
+    through transformers' attention registry gets ``_export_sdpa``; one with its own SDPA code (or its
+    own local registry entry) keeps it, and its masks keep their format."""
     import torch.fx.experimental._config as fx_config
+    from transformers import AttentionInterface
 
-    config = model.config
-    swapped = getattr(config, "_attn_implementation", None) == "sdpa"
-    if swapped:
-        _register_export_attention()
-        config._attn_implementation = EXPORT_ATTENTION
+    registry = AttentionInterface._global_mapping
+    original = registry.get("sdpa")
+    registry["sdpa"] = _export_sdpa
     try:
         with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
             yield
     finally:
-        if swapped:
-            config._attn_implementation = "sdpa"
-
-
-def _register_export_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(EXPORT_ATTENTION, _export_sdpa)
-    AttentionMaskInterface.register(EXPORT_ATTENTION, sdpa_mask)
+        registry["sdpa"] = original
 
 
 def _export_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """Hugging Face's SDPA attention without the ``query_length > 1`` test: KV heads repeated to the
-    query heads, the explicit mask applied (causal only when there is no mask and more than one query)."""
+    """transformers' SDPA attention without its ``query_length > 1`` test when a mask is given (the only
+    case under export): KV heads repeated to the query heads, the mask (with any position bias) applied.
+    Anything else goes to transformers' own function."""
+    from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
+
+    if attention_mask is None or kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    if attention_mask is not None and attention_mask.dim() == 4:
+    if attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
-    causal = attention_mask is None and query.shape[2] > 1
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, is_causal=causal
-    )
+    if kwargs.get("position_bias") is not None:
+        attention_mask = create_position_bias_mask(kwargs["position_bias"], attention_mask, False, query, key)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None

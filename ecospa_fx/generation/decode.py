@@ -57,13 +57,14 @@ def generate(
     ``model_or_path``: what ``ecospa_fx.compress`` returned for a causal LM with a KV cache, an artifact
     directory ``save`` wrote from one, or an ONNX file ``export_kv_onnx`` wrote (run in onnxruntime).
     ``attention_mask`` marks real tokens (1) and left padding (0). Greedy unless ``do_sample``. Rows that
-    produced ``eos_token_id`` are filled with ``pad_token_id`` (default: the eos id) until all are done.
+    produced ``eos_token_id`` are filled with ``pad_token_id`` (default: the eos id) until all are done;
+    ``eos_token_id=None`` uses the source model's generation config (as Hugging Face does), ``[]`` none.
     ``on_token(ids [B])`` is called for every new token; ``stats`` receives timings.
     """
     stepper = load_stepper(model_or_path)
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask, max_new_tokens)
     choose = Sampling(do_sample, temperature, top_k, top_p, seed).chooser()
-    eos = _eos_set(eos_token_id)
+    eos = _eos_set(eos_token_id if eos_token_id is not None else stepper.eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     stats = stats if stats is not None else GenerationStats()
     return _loop(stepper, input_ids, attention_mask, max_new_tokens, choose, eos, pad, on_token, stats)

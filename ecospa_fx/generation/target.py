@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecospa_fx.errors import InputError
+from ecospa_fx.errors import CaptureError, InputError
 from ecospa_fx.generation.causal_lm import (
     LEADING_INPUTS,
     KVCacheLM,
@@ -26,6 +26,7 @@ from ecospa_fx.generation.causal_lm import (
     kv_example,
 )
 from passes.state import state_shapes
+from passes.verify import max_abs_diff, max_abs_value
 
 
 @dataclass
@@ -55,6 +56,22 @@ class CaptureTarget:
     def context(self):
         return capture_context(self.source) if self.source is not None else contextlib.nullcontext()
 
+    def check_capture(self, gm) -> None:
+        """The captured KV graph computes what the eager model does on the example (the attention swap
+        and the cache plumbing are ours, so they are checked here; the mask oracle compares graphs)."""
+        if not self.state:
+            return
+        with torch.no_grad():
+            eager, graph = self.module(*self.inputs), gm(*self.inputs)
+        diff = max_abs_diff(graph, eager)
+        scale = max_abs_value(eager)
+        if not diff <= 1e-4 * max(1.0, scale):
+            raise CaptureError(
+                f"the captured KV-cache graph of {type(self.source).__name__} differs from the model by {diff:.3e} "
+                "on the example; this is a bug in ecospa_fx: please report it (load the model with "
+                "use_cache=False to compress it without a cache meanwhile)"
+            )
+
 
 def _check_token_inputs(inputs: tuple, what: str) -> None:
     """A cached causal LM is compressed from ``(input_ids,)`` or ``(input_ids, attention_mask)``."""
@@ -76,6 +93,7 @@ class KVLayout:
     shapes: tuple[tuple[int, int], ...]  # (kv_heads, head_dim) per past tensor, compressed
     dense_shapes: tuple[tuple[int, int], ...]
     dtype: torch.dtype
+    eos_token_id: tuple[int, ...] = ()  # the source model's generation config (``generate``'s default)
     leading_inputs: int = LEADING_INPUTS
 
     def empty_past(self, batch: int, device="cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
@@ -87,6 +105,7 @@ class KVLayout:
             "shapes": [list(s) for s in self.shapes],
             "dense_shapes": [list(s) for s in self.dense_shapes],
             "dtype": str(self.dtype).removeprefix("torch."),
+            "eos_token_id": list(self.eos_token_id),
         }
 
 
@@ -99,4 +118,11 @@ def kv_layout(analysis, keep: np.ndarray, target: CaptureTarget) -> KVLayout:
         dense.append((int(x.shape[1]), int(x.shape[3])))
         new = narrow.get(LEADING_INPUTS + k)
         shapes.append((int(new[1]), int(new[3])) if new is not None else dense[-1])
-    return KVLayout(target.module.n_layers, tuple(shapes), tuple(dense), past[0].dtype)
+    return KVLayout(target.module.n_layers, tuple(shapes), tuple(dense), past[0].dtype, _eos(target.source))
+
+
+def _eos(model) -> tuple[int, ...]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return ()
+    return (int(eos),) if isinstance(eos, int) else tuple(int(t) for t in eos)

@@ -1,0 +1,154 @@
+"""ONNX for generation: a compressed KV module written with past/present inputs and outputs.
+
+``export_kv_onnx(compressed, path)`` re-captures the KV form with batch, sequence and past length
+dynamic, translates it (``ecospa_fx.export``'s translator: opset 24, fallback 18), names the tensors as
+onnxruntime-genai does (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key``
+/ ``.value`` -> ``logits``, ``present.{i}.key`` / ``.value``; axes ``batch_size``, ``sequence_length``,
+``past_sequence_length``, ``total_sequence_length``), and checks onnxruntime against PyTorch on a prefill
+(past length 0) and on a decode step (one token after a past), at batch sizes other than the capture's.
+
+``quantize_int8(src, dst)`` applies onnxruntime's dynamic int8 quantization (weights int8, activations
+quantized per call) to such a file; its quality is reported as token agreement, not bitwise parity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ecospa_fx.errors import InputError
+from ecospa_fx.export import ExportError, _check_model, _describe, _parity, _translate, check_writable, quiet_exporter
+from ecospa_fx.generation.backends import PAST_NAME, PRESENT_NAME, kv_names
+
+AXES = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence_length"}
+TOTAL = "total_sequence_length"
+
+
+@dataclass(frozen=True)
+class KVExportResult:
+    path: Path
+    opset: int
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def export_kv_onnx(
+    compressed: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> KVExportResult:
+    """Write the KV form of ``compressed`` (what ``compress`` returned for a cached causal LM) to ``path``."""
+    layout = getattr(compressed, "ecospa_kv", None)
+    if layout is None:
+        raise InputError(
+            "export_kv_onnx needs a compressed causal LM with a KV cache (compress it with use_cache=True)"
+        )
+    path = check_writable(path)
+    example = _inputs(compressed, batch=2, seq=3, past=4)
+    notes: list[str] = []
+    with quiet_exporter():
+        program = _capture(compressed, example)
+        onnx_program, used = _translate(program, opset, notes)
+        _name(onnx_program, len(example) - 3, layout)
+        onnx_program.save(str(path))
+    if not check:
+        return KVExportResult(path, used, notes=tuple(notes))
+    _check_model(path)
+    names = ["logits", *kv_names(len(example) - 3, PRESENT_NAME)]
+    diffs: dict[str, float] = {}
+    for batch, seq, past in ((1, 5, 0), (3, 1, 6), (2, 4, 3)):
+        inputs = _inputs(compressed, batch, seq, past)
+        with torch.no_grad():
+            reference = compressed(*inputs)
+        for name, diff in _parity(path, compressed, [inputs], reference, names, atol).items():
+            diffs[name] = max(diffs.get(name, 0.0), diff)
+    return KVExportResult(path, used, {"logits": diffs["logits"], "present": _max_present(diffs)}, tuple(notes))
+
+
+def _max_present(diffs: dict[str, float]) -> float:
+    return max((v for k, v in diffs.items() if k != "logits"), default=0.0)
+
+
+def _inputs(compressed, batch: int, seq: int, past: int) -> tuple:
+    """Seeded KV-form inputs: ids below the embedding size, a full mask, positions after ``past``."""
+    layout = compressed.ecospa_kv
+    gen = torch.Generator().manual_seed(batch * 100 + seq * 10 + past)
+    vocab = _vocab(compressed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = [torch.randn(batch, h, past, d, generator=gen).to(layout.dtype) for h, d in layout.shapes]
+    return (ids, mask, positions, *cache)
+
+
+def _vocab(compressed) -> int:
+    """The number of rows of the first 2-D parameter an ``embedding`` reads (the token table)."""
+    for node in compressed.graph.nodes:
+        if node.op == "call_function" and "embedding" in str(node.target) and node.args[0].op == "get_attr":
+            return int(compressed.get_parameter(str(node.args[0].target)).shape[0])
+    raise InputError("cannot find the token embedding of this model")
+
+
+def _capture(compressed, example: tuple):
+    import torch.fx.experimental._config as fx_config
+
+    auto = torch.export.Dim.AUTO
+    shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, *({0: auto, 2: auto} for _ in example[3:]))
+    try:
+        with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+            return torch.export.export(compressed, example, dynamic_shapes=shapes, strict=False)
+    except Exception as err:
+        raise ExportError(f"torch.export could not re-capture the KV model: {_describe(err)}") from err
+
+
+def _name(onnx_program, n_past: int, layout) -> None:
+    """Tensor names and axis names as onnxruntime-genai expects; the cache layout in the metadata."""
+    import onnx_ir as ir
+
+    graph = onnx_program.model.graph
+    input_names = ["input_ids", "attention_mask", "position_ids", *kv_names(n_past, PAST_NAME)]
+    for value, name in zip(graph.inputs, input_names, strict=True):
+        value.name = name
+    for value, name in zip(graph.outputs, ["logits", *kv_names(n_past, PRESENT_NAME)], strict=True):
+        value.name = name
+    mapping: dict[str, str] = {}
+    inputs = list(graph.inputs)
+
+    def symbol(value, axis):
+        dim = value.shape[axis] if value.shape is not None else None
+        return dim.value if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) else None
+
+    named = [(inputs[0], 0, AXES["batch"]), (inputs[0], 1, AXES["seq"]), (inputs[1], 0, AXES["batch"])]
+    for value, axis, name in [*named, (inputs[1], 1, TOTAL), (inputs[2], 0, AXES["batch"])]:
+        if symbol(value, axis):
+            mapping.setdefault(symbol(value, axis), name)
+    for value in inputs[3:]:
+        if symbol(value, 2):
+            mapping.setdefault(symbol(value, 2), AXES["past"])
+    onnx_program.rename_axes(mapping)
+    onnx_program.model.metadata_props["ecospa_kv"] = json.dumps(layout.to_json())
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """onnxruntime dynamic int8 quantization of ``src`` written to ``dst``: MatMul/Gemm weights to int8;
+    attention stays float (onnxruntime's ``QAttention`` rejects the ONNX ``Attention`` node's attributes)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = check_writable(dst)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "Please consider to run pre-processing before quantization"
+    try:
+        with quiet_exporter():
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
+    return dst
