@@ -1,0 +1,110 @@
+"""``generate`` on compressed causal LMs: greedy tokens identical to Hugging Face ``generate`` on the dense
+model with every removed index zeroed (its own cache), every causal LM of the zoo, batch 2 with left
+padding, channel and head granularity; the logits along the generated sequence agree within 1e-4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ecospa_fx.errors import InputError
+from ecospa_fx.generation.backends import TorchStepper
+from ecospa_fx.generation.decode import GenerationStats, generate
+from tests.ecospa_fx.generation.conftest import CAUSAL_LMS, compressed, left_padded_prompt
+
+NEW_TOKENS = 8
+
+
+@pytest.mark.parametrize("granularity", ["channel", "head"])
+@pytest.mark.parametrize("name", CAUSAL_LMS)
+def test_greedy_tokens_match_hf_generate_on_masked_dense(name, granularity):
+    model, small, masked = compressed(name, granularity)
+    assert small.report.groups, "nothing was removed: the comparison would be vacuous"
+    ids, mask = left_padded_prompt(model.get_input_embeddings().weight.shape[0])
+    ours = generate(small, ids, NEW_TOKENS, attention_mask=mask, pad_token_id=0)
+    theirs = masked.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    _logits_agree(small, masked, theirs, mask)
+
+
+def _logits_agree(small, masked, sequence, prompt_mask) -> None:
+    """One full forward of the generated sequence: compressed vs masked dense logits at real positions."""
+    mask = torch.cat([prompt_mask, torch.ones(2, sequence.shape[1] - prompt_mask.shape[1], dtype=torch.long)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stepper = TorchStepper(small)
+    ours, _ = stepper.step(sequence, mask, positions, stepper.empty_past(2))
+    with torch.no_grad():
+        theirs = masked(sequence, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() < 1e-4
+
+
+def test_kv_cache_shrinks_with_the_channels():
+    _, small, _ = compressed("hf_llama_gqa", "channel")
+    layout = small.ecospa_kv
+    assert layout.n_layers == 2 and len(layout.shapes) == 4
+    assert all(h == dh and d < dd for (h, d), (dh, dd) in zip(layout.shapes, layout.dense_shapes, strict=True))
+    _, heads, _ = compressed("hf_llama_gqa", "head")
+    assert all(h < dh for (h, _), (dh, _) in zip(heads.ecospa_kv.shapes, heads.ecospa_kv.dense_shapes, strict=True))
+
+
+def test_decode_step_by_step_equals_one_full_forward():
+    """Prefill + 1-token steps through the cache give the logits a single forward of the whole sequence gives."""
+    _, small, _ = compressed("hf_qwen3", "channel")
+    stepper = TorchStepper(small)
+    ids = torch.randint(3, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    full, _ = stepper.step(ids, torch.ones_like(ids), torch.arange(9).expand(3, 9), stepper.empty_past(3))
+    logits, past = stepper.step(
+        ids[:, :5], torch.ones(3, 5, dtype=torch.long), torch.arange(5).expand(3, 5), stepper.empty_past(3)
+    )
+    steps = [logits]
+    for t in range(5, 9):
+        logits, past = stepper.step(
+            ids[:, t : t + 1], torch.ones(3, t + 1, dtype=torch.long), torch.full((3, 1), t), past
+        )
+        steps.append(logits)
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    _, small, _ = compressed("hf_llama_gqa", "channel")
+    ids = torch.randint(3, 40, (2, 4), generator=torch.Generator().manual_seed(3))
+    a = generate(small, ids, 6, do_sample=True, temperature=0.8, top_p=0.9, seed=5, eos_token_id=[])
+    b = generate(small, ids, 6, do_sample=True, temperature=0.8, top_p=0.9, seed=5, eos_token_id=[])
+    assert torch.equal(a, b)
+    greedy = generate(small, ids, 6, eos_token_id=[])
+    assert torch.equal(generate(small, ids, 6, do_sample=True, top_k=1, seed=9, eos_token_id=[]), greedy)
+
+
+def test_eos_stops_and_pads_and_stats_are_filled():
+    _, small, _ = compressed("hf_llama_gqa", "channel")
+    ids = torch.randint(3, 40, (1, 4), generator=torch.Generator().manual_seed(3))
+    free = generate(small, ids, 6, eos_token_id=[])
+    stop = int(free[0, 5])  # the second new token
+    stats = GenerationStats()
+    out = generate(small, ids, 6, eos_token_id=stop, stats=stats)
+    assert out.shape[1] == 6 and int(out[0, -1]) == stop
+    assert stats.new_tokens == 2 and stats.prefill_s > 0 and len(stats.step_s) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": 0.0, "do_sample": True}, "temperature"),
+        ({"top_p": 1.5, "do_sample": True}, "top_p"),
+        ({"attention_mask": torch.zeros(1, 3, dtype=torch.long)}, "all zeros"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    _, small, _ = compressed("hf_llama_gqa", "channel")
+    args = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(InputError, match=match):
+        generate(small, torch.ones(1, 3, dtype=torch.long), **args)
+
+
+def test_a_model_without_cache_says_how_to_get_one():
+    with pytest.raises(InputError, match="use_cache=True"):
+        generate(torch.nn.Linear(2, 2), torch.ones(1, 3, dtype=torch.long), 2)
+    with pytest.raises(InputError, match="integer tensor"):
+        generate(compressed("hf_llama_gqa", "channel")[1], torch.ones(1, 3), 2)
