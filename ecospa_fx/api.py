@@ -26,7 +26,7 @@ from passes.importance.base import ReportingBatches, relative_to_median, wanted_
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
 from passes.plan import PlanSettings, plan_groups, unit_costs, why_nothing_removed
 from passes.rewrite import SYMBOLIC_REASON, RewriteError, apply_plan, preflight
-from passes.state import StateMap
+from passes.state import StateMap, state_shapes
 from passes.verify import oracle_diff
 
 
@@ -40,6 +40,7 @@ def compress(
     calibration: Any = None,
     loss_fn: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    state: Any = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Remove coupled channels from ``model``; return a smaller module computing the pruned function.
@@ -52,7 +53,12 @@ def compress(
     calibration: batches of positional inputs shaped like ``example_inputs`` (needed by
         importance="activation" and "fisher"; same dtypes, same sizes except on dynamic axes; an empty list
         is an error: pass None for data-free scoring); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher");
-    progress: ``progress(done, total)`` called as calibration batches are processed (for a progress bar).
+    progress: ``progress(done, total)`` called as calibration batches are processed (for a progress bar);
+    state: carried state as ``[(input position, output position), ...]`` for a model that takes back what it
+        returned (a hand-written decoder's KV cache): the state shrinks with the channels it is concatenated
+        with, and the result's ``ecospa_state`` gives the narrowed shapes. A Hugging Face causal LM loaded
+        with ``use_cache=True`` needs none of this: it is captured with its cache, and the result generates
+        (``ecospa_fx.generate``; its cache layout is ``result.ecospa_kv``).
 
     ``model`` is captured in eval mode (a warning says so when dropout or batch norm submodules are in training
     mode) and every submodule keeps its own ``training`` flag; the result computes the eval-mode function and
@@ -65,7 +71,7 @@ def compress(
     inputs = _checked(model, example_inputs)
     require_parameters(model)
     batches = _calibration(model, config, calibration, loss_fn)
-    target = CaptureTarget.of(model, inputs, batches, dynamic_shapes)
+    target = CaptureTarget.of(model, inputs, batches, dynamic_shapes, state)
     inputs, batches = target.inputs, target.batches
     with target.context():
         gm = _capture(target.module, inputs, target.dynamic_shapes, guards=not target.state)
@@ -74,7 +80,10 @@ def compress(
         check_batches(gm, inputs, batches)
         if progress is not None:
             batches = ReportingBatches(batches, progress)
-    analysis = analyse(gm, target.state)
+    try:
+        analysis = analyse(gm, target.state)
+    except ValueError as err:  # a state pair out of range
+        raise InputError(str(err)) from None
     groups = build_groups(analysis.facts, config.granularity)
     params = dict(gm.named_parameters(remove_duplicate=False))
     score_inputs = ScoreInputs(gm, analysis.facts, params, analysis.labels, batches, loss_fn, config.seed)
@@ -93,6 +102,8 @@ def compress(
         dense = with_output_biases(gm, deltas) if deltas else gm
         _verify(dense, compressed, inputs, report, config.atol, config.rtol, state)
     if target.state:
+        compressed.ecospa_state = state_shapes(analysis, keep)
+    if target.source is not None:
         compressed.ecospa_kv = kv_layout(analysis, keep, target)
     compressed.ecospa_compensated = tuple(deltas)
     report.compensated = _compensated_weights(gm, deltas)

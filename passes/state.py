@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from passes.compaction import _outer_first, kept_grid, new_sizes
 from passes.labels import AxisLabel, Labels, of_space, spaces_of
@@ -39,10 +40,13 @@ SIZE_QUERIES = {"aten.sym_size.int", "aten.size.int", "aten.sym_size", "aten.siz
 def state_placeholders(gm: fx.GraphModule, pairs) -> dict[str, int]:
     """Placeholder name -> output position for every declared ``(input position, output position)`` pair."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    n_out = len(pytree.tree_leaves(gm.graph.output_node().args[0])) if pairs else 0
     out = {}
     for i, j in pairs:
-        if not 0 <= i < len(placeholders):
-            raise ValueError(f"state input {i} out of range: the graph has {len(placeholders)} inputs")
+        if not 0 <= i < len(placeholders) or not 0 <= j < n_out:
+            raise ValueError(
+                f"state pair ({i}, {j}) out of range: the graph has {len(placeholders)} inputs, {n_out} outputs"
+            )
         out[placeholders[i].name] = j
     return out
 

@@ -41,7 +41,9 @@ class CaptureTarget:
     source: torch.nn.Module | None = None
 
     @classmethod
-    def of(cls, model, inputs: tuple, batches, dynamic_shapes) -> CaptureTarget:
+    def of(cls, model, inputs: tuple, batches, dynamic_shapes, state=None) -> CaptureTarget:
+        if state is not None:
+            return cls(model, inputs, batches, dynamic_shapes, _state_pairs(state, len(inputs)))
         if not is_cached_causal_lm(model):
             return cls(model, inputs, batches, dynamic_shapes)
         _check_token_inputs(inputs, "example_inputs")
@@ -71,6 +73,20 @@ class CaptureTarget:
                 "on the example; this is a bug in ecospa_fx: please report it (load the model with "
                 "use_cache=False to compress it without a cache meanwhile)"
             )
+
+
+def _state_pairs(state, n_inputs: int) -> list[tuple[int, int]]:
+    """``state`` as a list of (input position, output position) int pairs, checked."""
+    try:
+        pairs = [(int(i), int(j)) for i, j in state]
+    except (TypeError, ValueError):
+        raise InputError(f"state must be [(input position, output position), ...], got {state!r}") from None
+    for i, j in pairs:
+        if not 0 <= i < n_inputs or j < 0:
+            raise InputError(f"state pair ({i}, {j}): input position must be in [0, {n_inputs}), output >= 0")
+    if len({i for i, _ in pairs}) != len(pairs) or len({j for _, j in pairs}) != len(pairs):
+        raise InputError(f"state pairs must not repeat an input or an output: {pairs}")
+    return pairs
 
 
 def _check_token_inputs(inputs: tuple, what: str) -> None:
