@@ -48,6 +48,8 @@ from ecospa_fx.artifact_format import (
     verify_checksums,
 )
 from ecospa_fx.errors import InputError, one_line
+from ecospa_fx.generation.causal_lm import KVCacheLM
+from ecospa_fx.generation.target import CaptureTarget, KVLayout
 from passes.capture import capture
 from passes.dataflow import analyse
 from passes.groups import unit_components
@@ -88,6 +90,9 @@ def save(compressed: torch.nn.Module, path: str | Path, *, hf: bool = True) -> P
         "aliases": aliases,
         "checksums": checksums(out, written),
     }
+    layout = getattr(compressed, "ecospa_kv", None)
+    if layout is not None:
+        plan["kv"] = layout.to_json()
     (out / PLAN).write_text(json.dumps(plan, indent=1))
     return out
 
@@ -210,8 +215,11 @@ def load(
     _check_aliases(plan, stored, root)
     model = _architecture(plan, model, stored, root)
     inputs = tuple(example_inputs) if example_inputs is not None else tuple(_example(s) for s in plan["inputs"])
-    gm = capture(model, inputs, dynamic_shapes)
-    analysis = analyse(gm)
+    if plan.get("kv"):
+        gm, analysis = _capture_kv(model, inputs)
+    else:
+        gm = capture(model, inputs, dynamic_shapes)
+        analysis = analyse(gm)
     keep = _keep_mask(analysis.facts, plan["removed"], plan["granularity"], root / PLAN)
     try:
         apply_plan(gm, analysis, keep)
@@ -219,7 +227,19 @@ def load(
         raise damaged(root / PLAN, f"holds a plan this architecture cannot take ({one_line(err)})") from None
     _restore_output_biases(gm, plan.get("compensated", []), root / PLAN)
     _load_tensors(gm, read_tensors(root / WEIGHTS), plan.get("aliases") or {})
+    if plan.get("kv"):
+        gm.ecospa_kv = KVLayout.from_json(plan["kv"])
     return gm
+
+
+def _capture_kv(model: torch.nn.Module, inputs: tuple):
+    """The KV form of a causal LM saved with its cache, captured as ``compress`` captured it."""
+    model = model.model if isinstance(model, KVCacheLM) else model
+    model.config.get_text_config(decoder=True).use_cache = True
+    target = CaptureTarget.of(model, inputs[:1], None, None)
+    with target.context():
+        gm = capture(target.module, target.inputs, target.dynamic_shapes, guards=False)
+    return gm, analyse(gm, target.state)
 
 
 def _check_aliases(plan: dict[str, Any], stored: dict[str, list[int]], root: Path) -> None:
@@ -236,7 +256,8 @@ def _architecture(
     if model is not None:
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        problem = architecture_problem(model.state_dict(), stored, plan, complete=False)
+        named = KVCacheLM(model) if plan.get("kv") and not isinstance(model, KVCacheLM) else model
+        problem = architecture_problem(named.state_dict(), stored, plan, complete=False)
         if problem:
             raise InputError(f"artifact {root} does not match the architecture of the model passed: {problem}")
         return model
@@ -244,7 +265,7 @@ def _architecture(
     if cls is None:
         raise InputError("this artifact was not made from a Hugging Face model: pass model=<fresh instance>")
     meta = _build(cls, config, root, meta=True)
-    state = meta.state_dict()
+    state = (KVCacheLM(meta) if plan.get("kv") else meta).state_dict()  # saved under the KV form's names
     problem = architecture_problem(state, stored, plan, complete=True)
     problem = problem or buffer_problem(meta, set(state), (root / WEIGHTS).stat().st_size)
     if problem:

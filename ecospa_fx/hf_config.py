@@ -69,6 +69,9 @@ def hf_equivalent(compressed: torch.nn.Module, inputs: tuple) -> HFEquivalent:
     if cls is None:
         return HFEquivalent(reason=f"transformers has no class {source['hf_class']}")
     config = cls.config_class.from_dict(source["hf_config"])
+    layout = getattr(compressed, "ecospa_kv", None)
+    if layout is not None:  # the KV form takes the compressed cache: probe with one of those widths
+        inputs = layout.random_inputs(getattr(config, "vocab_size", 2), 2, inputs[0].shape[1], 2)
     reason = uniform_reason(report)
     if reason:
         return HFEquivalent(reason=reason)
@@ -159,27 +162,41 @@ def _build_and_check(cls, config, changes: dict[str, int], compressed, inputs, r
     for key, value in changes.items():
         setattr(config, key, value)
     model = cls(config).eval()
+    named = _named_like(compressed, model)
     state = compressed.state_dict()
     try:
-        _, unexpected = model.load_state_dict(state, strict=False)
+        _, unexpected = named.load_state_dict(state, strict=False)
     except RuntimeError as err:
         line = next((x.strip() for x in str(err).splitlines() if "size mismatch" in x), str(err).splitlines()[0])
         return HFEquivalent(reason=f"{cls.__name__} with {changes} does not take the compressed tensors: {line}")
     if unexpected:
         return HFEquivalent(reason=f"{cls.__name__} has no parameters {unexpected[:3]}")
-    probes = [inputs, tuple(_redraw(x, config) for x in inputs)]
-    diff = _max_diff(compressed, model, probes)
+    redrawn = tuple(_redraw(x, config) for x in inputs[:1]) + tuple(inputs[1:] if named is not model else ())
+    probes = [inputs, redrawn + tuple(_redraw(x, config) for x in inputs[len(redrawn) :])]
+    diff = _max_diff(compressed, named, probes)
     folded = False
     new_dim = changes.get("head_dim")
     if not _close(diff) and old_dim and new_dim and new_dim != old_dim:
-        _fold_query_scale(model, report, math.sqrt(new_dim / old_dim))
-        diff, folded = _max_diff(compressed, model, probes), True
+        _fold_query_scale(named, report, math.sqrt(new_dim / old_dim))
+        diff, folded = _max_diff(compressed, named, probes), True
     if not _close(diff):
         return HFEquivalent(
             reason=f"{cls.__name__} with {changes} computes a different function (max abs diff "
             f"{diff[0]:.2e}; e.g. rotary frequencies or scales tied to the widths)"
         )
     return HFEquivalent(model=model, changes=changes, max_abs_diff=diff[0], scale_folded=folded)
+
+
+def _named_like(compressed, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as the compressed module names and calls it: its KV form for a causal LM compressed with
+    its cache (parameters under ``model.``, cache tensors in and out), else itself. A KV form's mask,
+    positions and cache inputs are kept when probing (only the token ids are redrawn)."""
+    if getattr(compressed, "ecospa_kv", None) is None:
+        return model
+    from ecospa_fx.generation.causal_lm import KVCacheLM
+
+    model.config.get_text_config(decoder=True).use_cache = True
+    return KVCacheLM(model).eval()
 
 
 def _redraw(x: torch.Tensor | None, config) -> torch.Tensor | None:

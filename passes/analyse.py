@@ -339,9 +339,14 @@ def _rank(lab: AxisLabel, facts: CouplingFacts) -> tuple[int, int]:
 
 
 def concrete(size: Any) -> int:
-    """An int for a (possibly symbolic) size, using the example value's hint for symbols."""
+    """An int for a (possibly symbolic) size, using the example value's hint for symbols. The hint is read
+    without ``int(size)``, which would add a guard that pins the symbol to the example's size (a graph
+    captured with a dynamic sequence would then refuse every other length)."""
     if isinstance(size, int):
         return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    if isinstance(size, torch.SymInt) and hint is not None:
+        return int(hint)
     try:
         return int(size)
     except (TypeError, RuntimeError):

@@ -78,15 +78,7 @@ def _max_present(diffs: dict[str, float]) -> float:
 
 
 def _inputs(compressed, batch: int, seq: int, past: int) -> tuple:
-    """Seeded KV-form inputs: ids below the embedding size, a full mask, positions after ``past``."""
-    layout = compressed.ecospa_kv
-    gen = torch.Generator().manual_seed(batch * 100 + seq * 10 + past)
-    vocab = _vocab(compressed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    mask = torch.ones(batch, past + seq, dtype=torch.long)
-    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    cache = [torch.randn(batch, h, past, d, generator=gen).to(layout.dtype) for h, d in layout.shapes]
-    return (ids, mask, positions, *cache)
+    return compressed.ecospa_kv.random_inputs(_vocab(compressed), batch, seq, past, seed=batch * 100 + seq * 10 + past)
 
 
 def _vocab(compressed) -> int:

@@ -115,6 +115,26 @@ class KVLayout:
     def empty_past(self, batch: int, device="cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         return [torch.zeros(batch, h, 0, d, dtype=dtype or self.dtype, device=device) for h, d in self.shapes]
 
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> KVLayout:
+        return cls(
+            int(record["n_layers"]),
+            tuple((int(h), int(d)) for h, d in record["shapes"]),
+            tuple((int(h), int(d)) for h, d in record["dense_shapes"]),
+            getattr(torch, record["dtype"]),
+            tuple(int(t) for t in record.get("eos_token_id", [])),
+        )
+
+    def random_inputs(self, vocab: int, batch: int, seq: int, past: int, seed: int = 0) -> tuple:
+        """Seeded KV-form inputs at the compressed widths: ids below ``vocab``, a full mask, positions
+        after ``past`` random cached tokens."""
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        mask = torch.ones(batch, past + seq, dtype=torch.long)
+        positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+        cache = [torch.randn(batch, h, past, d, generator=gen).to(self.dtype) for h, d in self.shapes]
+        return (ids, mask, positions, *cache)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "n_layers": self.n_layers,
