@@ -48,8 +48,8 @@ from ecospa_fx.artifact_format import (
     verify_checksums,
 )
 from ecospa_fx.errors import InputError, one_line
-from ecospa_fx.generation.causal_lm import KVCacheLM
-from ecospa_fx.generation.target import CaptureTarget, KVLayout
+from ecospa_fx.generation.causal_lm import KV_PREFIX, KVCacheLM, is_cached_causal_lm
+from ecospa_fx.generation.target import CaptureTarget, KVLayout, kv_layout
 from passes.capture import capture
 from passes.dataflow import analyse
 from passes.groups import unit_components
@@ -197,11 +197,17 @@ def load(
     *,
     example_inputs: tuple | None = None,
     dynamic_shapes: Any = None,
+    kv: bool | None = None,
 ) -> torch.fx.GraphModule:
     """Rebuild a saved compressed model. ``model``: a freshly built instance of the original
     architecture (any weights); optional for Hugging Face models, whose config was saved.
     ``example_inputs`` (default: the saved shapes) and ``dynamic_shapes`` are the capture's: the result
     runs on inputs of those shapes (static capture) or of any batch/seq (dynamic).
+
+    ``kv``: the form of a Hugging Face causal LM. ``True`` rebuilds it with its KV cache (the module
+    ``ecospa_fx.generate`` runs, dynamic shapes), ``False`` as a plain ``(input_ids,) -> logits``
+    forward; ``None`` (default) as it was saved. The plan is the same either way: one is the other with
+    the cache as extra inputs and outputs.
 
     Before anything is built, ``ecospa.json`` is checked, the weights are compared with their recorded
     sha256 and the architecture's shapes (less the removed channels) with the stored ones: a damaged or
@@ -213,33 +219,56 @@ def load(
     verify_checksums(root, plan, (WEIGHTS,))
     stored = stored_shapes(root / WEIGHTS)
     _check_aliases(plan, stored, root)
+    saved_kv = bool(plan.get("kv"))
+    want_kv = saved_kv if kv is None else bool(kv)
+    rename = _renamer(saved_kv, want_kv, plan, root)
     model = _architecture(plan, model, stored, root)
     inputs = tuple(example_inputs) if example_inputs is not None else tuple(_example(s) for s in plan["inputs"])
-    if plan.get("kv"):
-        gm, analysis = _capture_kv(model, inputs)
+    target = None
+    if want_kv:
+        gm, analysis, target = _capture_kv(model, inputs)
     else:
-        gm = capture(model, inputs, dynamic_shapes)
+        if saved_kv:  # the plain form returns logits only
+            model.config.get_text_config(decoder=True).use_cache = False
+        gm = capture(model, inputs[:1] if saved_kv and example_inputs is None else inputs, dynamic_shapes)
         analysis = analyse(gm)
-    keep = _keep_mask(analysis.facts, plan["removed"], plan["granularity"], root / PLAN)
+    removed = [[rename(name), dim, idx] for name, dim, idx in plan["removed"]]
+    keep = _keep_mask(analysis.facts, removed, plan["granularity"], root / PLAN)
     try:
         apply_plan(gm, analysis, keep)
     except RewriteError as err:
         raise damaged(root / PLAN, f"holds a plan this architecture cannot take ({one_line(err)})") from None
     _restore_output_biases(gm, plan.get("compensated", []), root / PLAN)
-    _load_tensors(gm, read_tensors(root / WEIGHTS), plan.get("aliases") or {})
-    if plan.get("kv"):
-        gm.ecospa_kv = KVLayout.from_json(plan["kv"])
+    tensors = {rename(k): v for k, v in read_tensors(root / WEIGHTS).items()}
+    _load_tensors(gm, tensors, {rename(a): rename(n) for a, n in (plan.get("aliases") or {}).items()})
+    if want_kv:
+        gm.ecospa_kv = KVLayout.from_json(plan["kv"]) if saved_kv else kv_layout(analysis, keep, target)
     return gm
 
 
+def _renamer(saved_kv: bool, want_kv: bool, plan: dict[str, Any], root: Path):
+    """Parameter names from the saved form to the wanted one (the KV form holds the model as ``model``)."""
+    if saved_kv == want_kv:
+        return lambda name: name
+    if not plan.get("hf_class"):
+        raise InputError(f"{root}: only an artifact of a Hugging Face causal LM can be loaded with kv={want_kv}")
+    if plan.get("compensated"):
+        raise InputError(f"{root}: a compensated artifact loads only in the form it was saved (kv={saved_kv})")
+    if want_kv:
+        return lambda name: KV_PREFIX + name
+    return lambda name: name.removeprefix(KV_PREFIX)
+
+
 def _capture_kv(model: torch.nn.Module, inputs: tuple):
-    """The KV form of a causal LM saved with its cache, captured as ``compress`` captured it."""
+    """The KV form of a causal LM, captured as ``compress`` captures it: (graph, analysis, target)."""
     model = model.model if isinstance(model, KVCacheLM) else model
     model.config.get_text_config(decoder=True).use_cache = True
+    if not is_cached_causal_lm(model):
+        raise InputError(f"{type(model).__name__} is not a causal LM that generates: it has no KV form")
     target = CaptureTarget.of(model, inputs[:1], None, None)
     with target.context():
         gm = capture(target.module, target.inputs, target.dynamic_shapes, guards=False)
-    return gm, analyse(gm, target.state)
+    return gm, analyse(gm, target.state), target
 
 
 def _check_aliases(plan: dict[str, Any], stored: dict[str, list[int]], root: Path) -> None:

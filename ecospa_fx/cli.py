@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
             "to ONNX with dynamic batch/seq, run onnx.checker and compare onnxruntime with PyTorch.",
         )
     )
+    _generate_args(
+        add(
+            "generate",
+            "generate text with a compressed causal LM (KV cache), in PyTorch or onnxruntime",
+            "Continue --prompt with MODEL: a causal LM directory (compressed here at --sparsity; 0 runs the "
+            "dense model), an artifact written by `compress`, or an ONNX file written by `export --kv`. "
+            "Prints the text (streamed on a terminal), the prefill time and the decode speed; --compare "
+            "also runs the dense model on the same prompt.",
+        )
+    )
     _eval_args(
         add(
             "eval",
@@ -187,12 +197,34 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 24, falling back to 18)")
     p.add_argument("--static", action="store_true", help="fixed batch and seq (default: dynamic)")
     p.add_argument(
+        "--kv",
+        action="store_true",
+        help="causal LM: export for generation, with past/present KV inputs and outputs (for `generate`)",
+    )
+    p.add_argument("--int8", action="store_true", help="with --kv: also write OUT.int8.onnx (dynamic int8)")
+    p.add_argument(
         "--atol",
         type=float,
         default=None,
         help="max |onnxruntime - PyTorch| allowed (default: 1e-4 + 1e-5 * max|output|)",
     )
     _shape_args(p, batch=2)
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p, "causal LM directory, ecospa_fx artifact, or .onnx file")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (64)")
+    p.add_argument("--sparsity", type=float, default=0.0, help="model directory: compress at this first (0)")
+    p.add_argument("--granularity", choices=["channel", "head"], default="channel", help="(channel)")
+    p.add_argument("--compare", action="store_true", help="model directory: also generate with the dense model")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer directory (default: MODEL's)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

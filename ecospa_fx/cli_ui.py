@@ -41,6 +41,23 @@ class Ui:
         else:
             self.out.print(line, markup=False)
 
+    @property
+    def streaming(self) -> bool:
+        """Generated text is printed as it comes on a terminal in normal mode."""
+        return not (self.quiet or self.json) and self.out.is_terminal
+
+    def stream_start(self, label: str) -> Callable[[str], None]:
+        self.out.print(f"[{label}]", markup=False)
+        return lambda text: self.out.print(text, end="", markup=False)
+
+    def stream_end(self) -> None:
+        self.out.print()
+
+    def show_text(self, label: str, text: str) -> None:
+        """Generated text, not streamed (no terminal): the label, then the text."""
+        if not (self.quiet or self.json):
+            self.out.print(f"[{label}]\n{text}", markup=False)
+
     @contextlib.contextmanager
     def stage(self, description: str) -> Iterator[Callable[[str], None]]:
         """A spinner with elapsed time for a step of unknown length; yields ``update(description)``."""

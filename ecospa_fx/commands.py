@@ -274,7 +274,13 @@ def run_export(args: argparse.Namespace, ui: Ui) -> int:
         opset=args.opset,
         static=args.static,
         atol=args.atol,
+        kv=args.kv,
+        int8=args.int8,
     )
+    if args.int8 and not args.kv:
+        raise InputError("--int8 applies to --kv exports (a causal LM for generation); add --kv")
+    if args.kv:
+        return _run_kv_export(job, args, ui)
     with ui.stage(f"loading {args.model}") as update:
         outcome = export(job, step=update)
     result = outcome.result
@@ -294,6 +300,36 @@ def run_export(args: argparse.Namespace, ui: Ui) -> int:
             "atol": outcome.atol,
             "params": outcome.params,
             "notes": [*outcome.notes, *result.notes],
+            "compress": outcome.compress,
+        },
+    )
+    return 0
+
+
+def _run_kv_export(job, args: argparse.Namespace, ui: Ui) -> int:
+    from ecospa_fx.export_job import run_kv_export
+
+    with ui.stage(f"loading {args.model}") as update:
+        outcome = run_kv_export(job, step=update)
+    if outcome.compress:
+        c = outcome.compress
+        ui.note(f"compressed at sparsity {c['sparsity']:g}: parameters {c['params_before']:,} -> {c['params_after']:,}")
+    ui.note(f"KV cache (kv_heads, head_dim) per layer: {outcome.layout['shapes'][::2]}")
+    if outcome.int8:
+        ui.note(
+            f"int8: {outcome.int8['path']} ({outcome.int8['bytes'] / 1e6:.1f} MB), top-1 agreement with fp32 "
+            f"{outcome.int8['top1_agreement']:.3f} on 8 fixed prompts"
+        )
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in outcome.max_abs_diff.items())
+    ui.result(
+        f"wrote {outcome.path}: onnxruntime vs PyTorch on prefill and decode, max abs diff {diffs}",
+        {
+            "onnx": str(outcome.path),
+            "opset": outcome.opset,
+            "max_abs_diff": outcome.max_abs_diff,
+            "params": outcome.params,
+            "kv": outcome.layout,
+            "int8": outcome.int8,
             "compress": outcome.compress,
         },
     )
@@ -409,3 +445,56 @@ def _eval_fidelity(args, ui: Ui, model, dense, reference: Path, ids: torch.Tenso
         {"metric": "fidelity", "reference": str(reference), "protocol": protocol.__dict__, "result": as_dict(result)},
     )
     return 0
+
+
+def run_generate(args: argparse.Namespace, ui: Ui) -> int:
+    from ecospa_fx.generation.job import open_source, prompt_ids, run_one
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not 0 <= args.sparsity < 1:
+        raise InputError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    with ui.stage(f"opening {args.model}") as update:
+        source = open_source(args, update)
+    ids = prompt_ids(source, args.prompt, args.max_new_tokens, args.chat)
+    runs = []
+    if source.dense is not None:
+        runs.append((load_dense_stepper(source.dense), f"{args.model.name} (dense)", _params(source.dense)))
+    runs.append((source.stepper, source.label, source.params))
+    outputs = []
+    for stepper, label, params in runs:
+        stream = ui.stream_start(label) if ui.streaming else None
+        outputs.append(run_one(stepper, source.tokenizer, ids, args, label, params, stream))
+        if stream:
+            ui.stream_end()
+        else:
+            ui.show_text(label, outputs[-1].text)
+        if len(runs) > 1:
+            ui.note(_speed_line(outputs[-1]))
+    line = _speed_line(outputs[0]) if len(outputs) == 1 else _speedup_line(outputs[0], outputs[-1])
+    ui.result(line, {"prompt": args.prompt, "outputs": [o.to_json() for o in outputs]})
+    return 0
+
+
+def load_dense_stepper(module):
+    from ecospa_fx.generation.decode import load_stepper
+
+    return load_stepper(module)
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _speed_line(g) -> str:
+    s = g.stats
+    size = f", {g.params / 1e6:.1f}M parameters" if g.params else ""
+    return (
+        f"{g.label}: {s.prompt_tokens} prompt tokens, prefill {s.prefill_s * 1e3:.1f} ms, "
+        f"{s.new_tokens} new tokens at {s.decode_tokens_per_s:.1f} tokens/s{size}"
+    )
+
+
+def _speedup_line(dense, small) -> str:
+    ratio = small.stats.decode_tokens_per_s / max(dense.stats.decode_tokens_per_s, 1e-9)
+    return f"{small.label}: decode {ratio:.2f}x the dense model's tokens/s (same prompt, one after the other)"

@@ -39,6 +39,8 @@ class ExportJob:
     static: bool = False
     verify: bool = True
     atol: float | None = None  # None: ATOL + RTOL * max|PyTorch output| on the example inputs
+    kv: bool = False  # a causal LM for generation: past/present KV inputs and outputs
+    int8: bool = False  # also write <out>.int8.onnx (onnxruntime dynamic int8), with its token agreement
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1:
@@ -170,3 +172,60 @@ def _probes(inputs: tuple, limit: int | None) -> list[tuple]:
     seq = x.shape[1] + 5 if not limit else min(limit, x.shape[1] + 5)
     generator = torch.Generator().manual_seed(1)
     return [(torch.randint(0, int(x.max()) + 1, (x.shape[0] + 1, seq), generator=generator),)]
+
+
+@dataclass
+class KVExportOutcome:
+    path: Path
+    opset: int
+    max_abs_diff: dict[str, float]
+    params: int
+    layout: dict[str, Any]
+    int8: dict[str, Any] | None = None
+    compress: dict[str, Any] | None = None
+
+
+def run_kv_export(job: ExportJob, step: Step = lambda _: None) -> KVExportOutcome:
+    """A causal LM (model directory, compressed first at ``sparsity``, or artifact) to an ONNX file with
+    past/present KV tensors, checked on prefill and decode; with ``int8`` also its int8 copy."""
+    from ecospa_fx.generation.onnx_kv import export_kv_onnx, quantize_int8, token_agreement
+
+    check_writable(job.out)
+    step(f"loading {job.source}")
+    info = None
+    if is_artifact(job.source):
+        model = load_artifact(job.source, kv=True)
+    else:
+        import ecospa_fx
+
+        dense, config = load_model(job.source, job.gguf_file, cache=True)
+        inputs = _token_inputs(config, job.batch, job.seq, job.source)
+        step(f"capturing with the KV cache, compressing at sparsity {job.sparsity:g}")
+        options = {"granularity": job.granularity, "round_to": job.round_to, "verify": job.verify and job.sparsity > 0}
+        model = ecospa_fx.compress(dense, inputs, job.sparsity, **options)
+        info = _compress_info(model.ecospa_report, job)
+    if getattr(model, "ecospa_kv", None) is None:
+        raise InputError(f"{job.source} is not a causal LM that generates: --kv needs one")
+    step("exporting to ONNX with past/present KV and checking prefill and decode in onnxruntime")
+    result = export_kv_onnx(model, job.out, opset=job.opset, atol=job.atol if job.atol is not None else 1e-3)
+    int8 = None
+    if job.int8:
+        step("quantizing to int8 and measuring token agreement with fp32")
+        path = quantize_int8(job.out, job.out.with_suffix(".int8.onnx"))
+        vocab = model.get_parameter(_embedding_name(model)).shape[0]
+        int8 = {
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            "top1_agreement": token_agreement(job.out, path, vocab),
+        }
+    params = sum(p.numel() for p in model.parameters())
+    return KVExportOutcome(
+        result.path, result.opset, result.max_abs_diff, params, model.ecospa_kv.to_json(), int8, info
+    )
+
+
+def _embedding_name(model) -> str:
+    for node in model.graph.nodes:
+        if node.op == "call_function" and "embedding" in str(node.target) and node.args[0].op == "get_attr":
+            return str(node.args[0].target)
+    raise InputError("cannot find the token embedding of this model")

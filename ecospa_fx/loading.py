@@ -73,19 +73,22 @@ def load_source(
     return Source(load_artifact(path, example_inputs, dynamic), artifact_config(path), path, artifact=True)
 
 
-def load_artifact(path: Path, example_inputs: tuple | None = None, dynamic: bool = False):
-    """``ecospa_fx.load`` with dynamic batch/seq when asked and possible."""
+def load_artifact(path: Path, example_inputs: tuple | None = None, dynamic: bool = False, kv: bool = False):
+    """``ecospa_fx.load`` with dynamic batch/seq when asked and possible; ``kv`` rebuilds a causal LM with
+    its KV cache (for generation), else the plain ``(input_ids,)`` forward the other commands run."""
     from ecospa_fx.artifact import load
     from ecospa_fx.export import token_dynamic_shapes
     from passes.capture import CaptureFailed
 
-    if dynamic and example_inputs is not None:
+    if dynamic and example_inputs is not None and not kv:
         try:
-            return load(path, example_inputs=example_inputs, dynamic_shapes=token_dynamic_shapes(example_inputs))
+            return load(
+                path, example_inputs=example_inputs, dynamic_shapes=token_dynamic_shapes(example_inputs), kv=False
+            )
         except CaptureFailed:
             pass
     try:
-        return load(path, example_inputs=example_inputs)
+        return load(path, example_inputs=example_inputs, kv=kv)
     except CaptureFailed as err:
         raise EcospaError(f"cannot rebuild the artifact {path}: {str(err).splitlines()[0]}") from err
 
@@ -104,16 +107,17 @@ def artifact_config(path: Path):
     return hf_config(artifact_plan(path), path)[1]
 
 
-def load_model(model_dir: Path, gguf_file: str | None):
-    """A model from a local directory: eval, fp32, no KV cache. ``config.architectures`` picks
-    ``AutoModelForCausalLM`` (a ``*ForCausalLM``) or ``AutoModel``; a GGUF config has none, so a causal LM
-    is tried first. A GGUF-loaded model is dequantized by transformers but still flagged quantized (it
-    refuses ``.float()``, ``.double()`` and ``save_pretrained``): it is rebuilt as a plain model."""
+def load_model(model_dir: Path, gguf_file: str | None, cache: bool = False):
+    """A model from a local directory: eval, fp32, no KV cache (with ``cache=True``: with it, to generate).
+    ``config.architectures`` picks ``AutoModelForCausalLM`` (a ``*ForCausalLM``) or ``AutoModel``; a GGUF
+    config has none, so a causal LM is tried first. A GGUF-loaded model is dequantized by transformers but
+    still flagged quantized (it refuses ``.float()``, ``.double()`` and ``save_pretrained``): it is rebuilt
+    as a plain model."""
     check_model_path(model_dir, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         with _quiet_gguf():
-            _, model = _from_pretrained(model_dir, extra)
+            _, model = _from_pretrained(model_dir, extra, cache)
     except EcospaError:
         raise
     except Exception as err:  # transformers reports bad configs and weights with many error types
@@ -121,13 +125,13 @@ def load_model(model_dir: Path, gguf_file: str | None):
     return _dequantized(model).float().eval(), model.config
 
 
-def _from_pretrained(model_dir: Path, extra: dict[str, Any]):
+def _from_pretrained(model_dir: Path, extra: dict[str, Any], cache: bool = False):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir, **extra)
     if hasattr(config, "use_cache"):
-        config.use_cache = False
+        config.use_cache = cache
     archs = config.architectures or []
     causal = any(a.endswith("ForCausalLM") for a in archs) or not archs
     if causal:

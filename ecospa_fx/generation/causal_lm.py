@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 LEADING_INPUTS = 3  # input_ids, attention_mask, position_ids
+KV_PREFIX = "model."  # the KV form's parameter names: the causal LM's, under its ``model`` attribute
 
 
 def is_cached_causal_lm(model: Any) -> bool:

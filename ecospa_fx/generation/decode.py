@@ -135,5 +135,5 @@ def load_stepper(model_or_path: Any):
     if path.is_dir():
         from ecospa_fx.loading import load_artifact
 
-        return TorchStepper(load_artifact(path))
+        return TorchStepper(load_artifact(path, kv=True))
     raise InputError(f"{model_or_path}: not a compressed module, an artifact directory or an .onnx file")

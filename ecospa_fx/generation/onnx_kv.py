@@ -82,11 +82,10 @@ def _inputs(compressed, batch: int, seq: int, past: int) -> tuple:
 
 
 def _vocab(compressed) -> int:
-    """The number of rows of the first 2-D parameter an ``embedding`` reads (the token table)."""
-    for node in compressed.graph.nodes:
-        if node.op == "call_function" and "embedding" in str(node.target) and node.args[0].op == "get_attr":
-            return int(compressed.get_parameter(str(node.args[0].target)).shape[0])
-    raise InputError("cannot find the token embedding of this model")
+    """The number of rows of the token table (the parameter an ``embedding`` reads)."""
+    from ecospa_fx.export_job import _embedding_name
+
+    return int(compressed.get_parameter(_embedding_name(compressed)).shape[0])
 
 
 def _capture(compressed, example: tuple):
@@ -144,3 +143,20 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     finally:
         root.setLevel(level)
     return dst
+
+
+def token_agreement(reference: str | os.PathLike, candidate: str | os.PathLike, vocab: int, prompts: int = 8) -> float:
+    """Top-1 agreement of ``candidate`` with ``reference`` (two KV ONNX files, e.g. int8 and fp32) over a
+    fixed set of seeded prompts: the reference continues each 16-token prompt greedily by 16 tokens, then
+    both read the whole sequence at once and the fraction of positions whose argmax agrees is returned."""
+    from ecospa_fx.generation.backends import OrtStepper
+    from ecospa_fx.generation.decode import generate
+
+    ref, cand = OrtStepper(Path(reference)), OrtStepper(Path(candidate))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (prompts, 16), generator=gen)
+    sequence = generate(ref, ids, 16, eos_token_id=[])
+    mask = torch.ones_like(sequence)
+    positions = torch.arange(sequence.shape[1]).expand_as(sequence).contiguous()
+    top = [s.step(sequence, mask, positions, s.empty_past(prompts))[0].argmax(-1) for s in (ref, cand)]
+    return float((top[0] == top[1]).float().mean())
