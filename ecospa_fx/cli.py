@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from ecospa_fx import commands
 
-            return getattr(commands, f"run_{args.command}")(args, ui)
+            return getattr(commands, f"run_{args.command.replace('-', '_')}")(args, ui)
         except KeyboardInterrupt:
             return _fail(args, "interrupted", EXIT_INTERRUPTED)
         except Exception as err:

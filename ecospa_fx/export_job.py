@@ -207,7 +207,7 @@ def run_kv_export(job: ExportJob, step: Step = lambda _: None) -> KVExportOutcom
     if getattr(model, "ecospa_kv", None) is None:
         raise InputError(f"{job.source} is not a causal LM that generates: --kv needs one")
     step("exporting to ONNX with past/present KV and checking prefill and decode in onnxruntime")
-    result = export_kv_onnx(model, job.out, opset=job.opset, atol=job.atol if job.atol is not None else 1e-3)
+    result = export_kv_onnx(model, job.out, opset=job.opset, atol=job.atol)
     int8 = None
     if job.int8:
         step("quantizing to int8 and measuring token agreement with fp32")
