@@ -379,7 +379,19 @@ def _patch_mean(analysis, node, keep) -> None:
     node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
 
 
+def _patch_norm_of_nothing(analysis, node, keep) -> None:
+    """A norm layer whose input lost every element (a per-head LayerNorm of a removed head: StableLM's
+    qk_layernorm splits q into heads and normalises each with its own weight) has nothing to compute,
+    and its weight, tied to that head's channels, is sliced to nothing while ``normalized_shape`` still
+    names the old width: its output (the same empty shape as its input) is the input itself."""
+    sizes = _sizes_after(analysis, node.args[0], keep)
+    if sizes is not None and 0 in sizes:
+        node.replace_all_uses_with(node.args[0])
+
+
 PATCHES = {
+    "aten::layer_norm": _patch_norm_of_nothing,
+    "aten::rms_norm": _patch_norm_of_nothing,
     "aten::mean": _patch_mean,
     "aten::view": _patch_view,
     "aten::reshape": _patch_view,

@@ -28,3 +28,29 @@ def test_symbolic_batch_times_heads_size_is_flagged_by_preflight():
     assert flagged and flagged[0].startswith(SYMBOLIC_REASON) and "symbolic" in flagged[0]
     with pytest.raises(RewriteError, match="symbolic"):
         apply_plan(gm, analysis, keep)
+
+
+def test_per_head_layer_norm_of_a_removed_head_is_dropped():
+    """StableLM's qk_layernorm normalises each head with its own LayerNorm: at head granularity a removed
+    head's norm sees an empty tensor and its weight is sliced to nothing; the rewrite drops that norm (its
+    output is its empty input) instead of running it against the old normalized_shape."""
+    import transformers as tf
+
+    import ecospa_fx
+
+    torch.manual_seed(0)
+    config = tf.StableLmConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        qk_layernorm=True,
+        use_cache=False,
+        partial_rotary_factor=0.5,
+    )
+    model = tf.StableLmForCausalLM(config).eval()
+    small = ecospa_fx.compress(model, (torch.randint(0, 64, (2, 8)),), 0.5, granularity="head")
+    assert any(g.kind == "head" and g.units_removed for g in small.report.groups)
+    assert small.report.max_abs_diff < 1e-5
