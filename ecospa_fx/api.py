@@ -36,7 +36,7 @@ def compress(
     sparsity: float = 0.5,
     *,
     config: CompressConfig | None = None,
-    dynamic_shapes: Any = None,
+    dynamic_shapes: Any = "auto",
     calibration: Any = None,
     loss_fn: Any = None,
     progress: Callable[[int, int], None] | None = None,
@@ -50,6 +50,10 @@ def compress(
     fields of ``CompressConfig`` (granularity, kinds, round_to, importance, allocation, budget,
     max_sparsity, across_kinds, seed, verify, atol, rtol).
 
+    dynamic_shapes: ``"auto"`` (default): batch (axis 0) and sequence (axis 1 of token ids and of ``[B, S, H]``
+        float inputs) dynamic where the example has 2 or more and the model allows it, static where it pins
+        them or the dynamic capture fails (``result.ecospa_shapes`` says which); ``None``: static, the example's
+        shapes only; or torch.export's ``dynamic_shapes`` argument.
     calibration: batches of positional inputs shaped like ``example_inputs`` (needed by
         importance="activation" and "fisher"; same dtypes, same sizes except on dynamic axes; an empty list
         is an error: pass None for data-free scoring); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher");
@@ -74,7 +78,7 @@ def compress(
     target = CaptureTarget.of(model, inputs, batches, dynamic_shapes, state)
     inputs, batches = target.inputs, target.batches
     with target.context():
-        gm = _capture(target.module, inputs, target.dynamic_shapes, guards=not target.state)
+        gm, shapes = _capture_shapes(target)
     target.check_capture(gm)
     if batches is not None:
         check_batches(gm, inputs, batches)
@@ -110,6 +114,7 @@ def compress(
     compressed.ecospa_report = report
     compressed.report = report
     compressed.ecospa_source = source_info(model, inputs)
+    compressed.ecospa_shapes = shapes
     _warn_if_nothing(model, report)
     return compressed
 
@@ -136,6 +141,20 @@ def _checked(model, example_inputs, allow_meta: bool = False, what: str = "examp
         return check_inputs(model, example_inputs, allow_meta, what)
     except CaptureInputError as err:
         raise InputError(str(err)) from None
+
+
+def _capture_shapes(target: CaptureTarget) -> tuple[fx.GraphModule, str]:
+    """Capture ``target``; with ``dynamic_shapes="auto"`` retry static when the dynamic capture fails.
+    Returns the graph and what its shapes are ("dynamic", "static", or "static: <why>")."""
+    guards = not target.state
+    if not target.auto_dynamic:
+        gm = _capture(target.module, target.inputs, target.dynamic_shapes, guards=guards)
+        return gm, "dynamic" if target.dynamic_shapes is not None else "static"
+    try:
+        return _capture(target.module, target.inputs, target.dynamic_shapes, guards=guards), "dynamic"
+    except CaptureError as err:
+        gm = _capture(target.module, target.inputs, None, guards=guards, warn_modes=False)
+        return gm, f"static: the dynamic capture failed ({str(err).splitlines()[0]})"
 
 
 def _capture(model, inputs, dynamic_shapes, *, warn_modes: bool = True, guards: bool = True) -> fx.GraphModule:

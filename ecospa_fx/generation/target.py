@@ -39,20 +39,25 @@ class CaptureTarget:
     dynamic_shapes: Any
     state: list[tuple[int, int]] = field(default_factory=list)
     source: torch.nn.Module | None = None
+    auto_dynamic: bool = False  # dynamic_shapes="auto": batch/seq dynamic, static if that capture fails
 
     @classmethod
     def of(cls, model, inputs: tuple, batches, dynamic_shapes, state=None) -> CaptureTarget:
+        auto = isinstance(dynamic_shapes, str) and dynamic_shapes == "auto"
+        if isinstance(dynamic_shapes, str) and not auto:
+            raise InputError(f"dynamic_shapes must be 'auto', None or torch.export's argument, got {dynamic_shapes!r}")
         if state is not None:
-            return cls(model, inputs, batches, dynamic_shapes, _state_pairs(state, len(inputs)))
+            shapes = _token_axes(inputs) if auto else dynamic_shapes
+            return cls(model, inputs, batches, shapes, _state_pairs(state, len(inputs)), auto_dynamic=auto)
         if not is_cached_causal_lm(model):
-            return cls(model, inputs, batches, dynamic_shapes)
+            return cls(model, inputs, batches, _token_axes(inputs) if auto else dynamic_shapes, auto_dynamic=auto)
         _check_token_inputs(inputs, "example_inputs")
         for b, batch in enumerate(batches or []):
             _check_token_inputs(batch, f"calibration[{b}]")
         wrapper = KVCacheLM(model)
         example = kv_example(model, inputs[0])
         converted = [kv_batch(model, batch) for batch in batches] if batches is not None else None
-        shapes = dynamic_shapes if dynamic_shapes is not None else kv_dynamic_shapes(example)
+        shapes = kv_dynamic_shapes(example) if auto or dynamic_shapes is None else dynamic_shapes
         return cls(wrapper, example, converted, shapes, wrapper.state_pairs(), model)
 
     def context(self):
@@ -73,6 +78,14 @@ class CaptureTarget:
                 "on the example; this is a bug in ecospa_fx: please report it (load the model with "
                 "use_cache=False to compress it without a cache meanwhile)"
             )
+
+
+def _token_axes(inputs: tuple):
+    """``token_dynamic_shapes`` of the inputs, or None (static) when no axis can be dynamic."""
+    from ecospa_fx.export import token_dynamic_shapes
+
+    spec = token_dynamic_shapes(inputs)
+    return spec if any(s for s in spec) else None
 
 
 def _state_pairs(state, n_inputs: int) -> list[tuple[int, int]]:
