@@ -221,6 +221,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--int8", action="store_true", help="with --kv: also write OUT.int8.onnx (dynamic int8)")
     p.add_argument(
+        "--genai",
+        type=Path,
+        metavar="DIR",
+        help="with --kv: also write an onnxruntime-genai folder (when every layer keeps one cache width)",
+    )
+    p.add_argument(
         "--atol",
         type=float,
         default=None,

@@ -314,9 +314,10 @@ def run_export(args: argparse.Namespace, ui: Ui) -> int:
         atol=args.atol,
         kv=args.kv,
         int8=args.int8,
+        genai=args.genai,
     )
-    if args.int8 and not args.kv:
-        raise InputError("--int8 applies to --kv exports (a causal LM for generation); add --kv")
+    if (args.int8 or args.genai) and not args.kv:
+        raise InputError("--int8 and --genai apply to --kv exports (a causal LM for generation); add --kv")
     if args.kv:
         return _run_kv_export(job, args, ui)
     with ui.stage(f"loading {args.model}") as update:
@@ -358,6 +359,8 @@ def _run_kv_export(job, args: argparse.Namespace, ui: Ui) -> int:
             f"int8: {outcome.int8['path']} ({outcome.int8['bytes'] / 1e6:.1f} MB), top-1 agreement with fp32 "
             f"{outcome.int8['top1_agreement']:.3f} on 8 fixed prompts"
         )
+    if outcome.genai:
+        ui.note(f"onnxruntime-genai folder: {outcome.genai}")
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in outcome.max_abs_diff.items())
     ui.result(
         f"wrote {outcome.path}: onnxruntime vs PyTorch on prefill and decode, max abs diff {diffs}",
@@ -368,6 +371,7 @@ def _run_kv_export(job, args: argparse.Namespace, ui: Ui) -> int:
             "params": outcome.params,
             "kv": outcome.layout,
             "int8": outcome.int8,
+            "genai": outcome.genai,
             "compress": outcome.compress,
         },
     )

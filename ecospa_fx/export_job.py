@@ -41,6 +41,7 @@ class ExportJob:
     atol: float | None = None  # None: ATOL + RTOL * max|PyTorch output| on the example inputs
     kv: bool = False  # a causal LM for generation: past/present KV inputs and outputs
     int8: bool = False  # also write <out>.int8.onnx (onnxruntime dynamic int8), with its token agreement
+    genai: Path | None = None  # also write an onnxruntime-genai folder here (uniform cache widths only)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1:
@@ -183,6 +184,7 @@ class KVExportOutcome:
     layout: dict[str, Any]
     int8: dict[str, Any] | None = None
     compress: dict[str, Any] | None = None
+    genai: str | None = None  # the folder written, or why none was
 
 
 def run_kv_export(job: ExportJob, step: Step = lambda _: None) -> KVExportOutcome:
@@ -194,7 +196,9 @@ def run_kv_export(job: ExportJob, step: Step = lambda _: None) -> KVExportOutcom
     step(f"loading {job.source}")
     info = None
     if is_artifact(job.source):
-        model = load_artifact(job.source, kv=True)
+        from ecospa_fx.loading import artifact_config
+
+        model, config = load_artifact(job.source, kv=True), artifact_config(job.source)
     else:
         import ecospa_fx
 
@@ -219,9 +223,21 @@ def run_kv_export(job: ExportJob, step: Step = lambda _: None) -> KVExportOutcom
             "top1_agreement": token_agreement(job.out, path, vocab),
         }
     params = sum(p.numel() for p in model.parameters())
-    return KVExportOutcome(
-        result.path, result.opset, result.max_abs_diff, params, model.ecospa_kv.to_json(), int8, info
-    )
+    layout = model.ecospa_kv.to_json()
+    genai = _genai(job, model, config) if job.genai is not None else None
+    return KVExportOutcome(result.path, result.opset, result.max_abs_diff, params, layout, int8, info, genai)
+
+
+def _genai(job: ExportJob, model, config) -> str:
+    """Write the onnxruntime-genai folder; the folder, or the reason there is none."""
+    from ecospa_fx.generation.onnx_kv import genai_problem, write_genai_folder
+    from ecospa_fx.loading import load_tokenizer
+
+    problem = genai_problem(model.ecospa_kv)
+    if problem:
+        return f"not written: {problem}"
+    tokenizer = load_tokenizer(job.source, None if is_artifact(job.source) else job.gguf_file)
+    return str(write_genai_folder(model, job.out, job.genai, config, tokenizer))
 
 
 def _embedding_name(model) -> str:

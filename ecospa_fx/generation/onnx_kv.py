@@ -173,3 +173,77 @@ def token_agreement(reference: str | os.PathLike, candidate: str | os.PathLike, 
     positions = torch.arange(sequence.shape[1]).expand_as(sequence).contiguous()
     top = [s.step(sequence, mask, positions, s.empty_past(prompts))[0].argmax(-1) for s in (ref, cand)]
     return float((top[0] == top[1]).float().mean())
+
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def genai_problem(layout) -> str:
+    """Why onnxruntime-genai cannot run this cache, or "": genai allocates one ``[batch, kv_heads, length,
+    head_size]`` cache shape for every layer, keys and values alike."""
+    widths = set(layout.shapes)
+    if len(widths) > 1:
+        return (
+            "the compressed cache widths (kv_heads, head_dim) differ across layers or between K and V: "
+            f"{sorted(widths)}"
+        )
+    return ""
+
+
+def write_genai_folder(compressed, onnx_path: str | os.PathLike, out: str | os.PathLike, config, tokenizer) -> Path:
+    """A folder onnxruntime-genai runs: the KV ONNX file as ``model.onnx``, ``genai_config.json`` with the
+    compressed head count and head size, and the tokenizer. ``config`` is the source model's Hugging Face
+    config (positions, vocabulary, query heads per KV head). Raises ``InputError`` with ``genai_problem``."""
+    import shutil
+
+    layout = compressed.ecospa_kv
+    problem = genai_problem(layout)
+    if problem:
+        raise InputError(f"no onnxruntime-genai folder: {problem}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, out / "model.onnx")
+    tokenizer.save_pretrained(str(out))
+    (out / GENAI_CONFIG).write_text(json.dumps(_genai_config(layout, config), indent=1))
+    return out
+
+
+def _genai_config(layout, config) -> dict:
+    text = config.get_text_config(decoder=True)
+    kv_heads, head_size = layout.shapes[0]
+    dense_kv, _ = layout.dense_shapes[0]
+    q_per_kv = text.num_attention_heads // dense_kv
+    eos = list(layout.eos_token_id) or [getattr(text, "eos_token_id", 0) or 0]
+    positions = getattr(text, "max_position_embeddings", None) or 2048
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": "model.onnx",
+        "head_size": head_size,
+        "hidden_size": text.hidden_size,
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+        "num_attention_heads": kv_heads * q_per_kv,
+        "num_hidden_layers": layout.n_layers,
+        "num_key_value_heads": kv_heads,
+    }
+    model = {
+        "bos_token_id": getattr(text, "bos_token_id", None) or 0,
+        "context_length": positions,
+        "decoder": decoder,
+        "eos_token_id": eos if len(eos) > 1 else eos[0],
+        "pad_token_id": getattr(text, "pad_token_id", None) or eos[0],
+        "type": "llama",
+        "vocab_size": text.vocab_size,
+    }
+    search = {"do_sample": False, "max_length": positions, "num_beams": 1, "past_present_share_buffer": False}
+    return {"model": model, "search": {**search, "top_k": 1, "top_p": 1.0, "temperature": 1.0}}

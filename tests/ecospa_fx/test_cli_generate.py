@@ -41,8 +41,10 @@ def test_artifact_onnx_and_onnx_int8_generate(tiny, artifact, tmp_path, capsys):
     assert from_artifact["new_tokens"] >= 1 and from_artifact["prefill_ms"] > 0
     onnx = tmp_path / "lm.onnx"
     capsys.readouterr()
-    assert main(["export", str(artifact), "--out", str(onnx), "--kv", "--int8", "--json"]) == 0
+    genai = tmp_path / "genai"
+    assert main(["export", str(artifact), "--out", str(onnx), "--kv", "--int8", "--genai", str(genai), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
+    assert record["genai"] == str(genai) and (genai / "genai_config.json").is_file()
     assert record["max_abs_diff"]["logits"] < 1e-3 and 0 <= record["int8"]["top1_agreement"] <= 1
     from_onnx = _generate(capsys, onnx, "--tokenizer", artifact)["outputs"][0]
     assert from_onnx["text"] == from_artifact["text"]

@@ -54,3 +54,33 @@ def test_export_of_a_model_without_cache_is_refused(tmp_path):
 @pytest.mark.parametrize("name", CAUSAL_LMS)
 def test_every_causal_lm_exports_for_generation(name, granularity, tmp_path):
     _check_export(name, granularity, tmp_path / "kv.onnx")
+
+
+def test_onnxruntime_genai_runs_the_folder_and_agrees(tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    from ecospa_fx.generation.onnx_kv import write_genai_folder
+    from tests.ecospa_fx.tiny_models import tokenizer
+
+    model, small, _ = compressed("hf_llama_gqa", "head")
+    onnx_path = export_kv_onnx(small, tmp_path / "kv.onnx").path
+    folder = write_genai_folder(small, onnx_path, tmp_path / "genai", model.config, tokenizer())
+    ids = torch.randint(3, 40, (1, 6), generator=torch.Generator().manual_seed(1))
+    ours = generate(small, ids, 8)[0].tolist()
+    genai_model = og.Model(str(folder))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=14, do_sample=False)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(ids[0].tolist())
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = [int(t) for t in generator.get_sequence(0)]
+    assert theirs == ours[: len(theirs)] and len(theirs) > 6  # genai leaves the eos token out
+
+
+def test_genai_needs_one_cache_width():
+    from ecospa_fx.generation.onnx_kv import genai_problem
+    from ecospa_fx.generation.target import KVLayout
+
+    uniform = KVLayout(2, ((2, 4),) * 4, ((2, 8),) * 4, torch.float32)
+    mixed = KVLayout(2, ((2, 4), (2, 4), (2, 8), (2, 8)), ((2, 8),) * 4, torch.float32)
+    assert genai_problem(uniform) == "" and "differ across layers" in genai_problem(mixed)
