@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ecospa_fx.generation.target import prefill_inputs
+
 CANDIDATES = ("channel", "head")
 
 
@@ -59,7 +61,7 @@ CostModel = Callable[[Candidate], float]
 def candidate(granularity: str, model: fx.GraphModule, inputs: tuple) -> Candidate:
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     params = sum(p.numel() for p in model.parameters())
-    return Candidate(granularity, model, shapes, params, attention_shapes(model, inputs))
+    return Candidate(granularity, model, shapes, params, attention_shapes(model, prefill_inputs(model, inputs)))
 
 
 class _SdpaShapes(fx.Interpreter):
@@ -88,7 +90,7 @@ def flop_cost(inputs: tuple) -> CostModel:
 
     def cost(c: Candidate) -> float:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            c.model(*inputs)
+            c.model(*prefill_inputs(c.model, inputs))
         return float(counter.get_total_flops())
 
     return cost
@@ -97,14 +99,15 @@ def flop_cost(inputs: tuple) -> CostModel:
 def measured_costs(cands: Sequence[Candidate], inputs: tuple, repeats: int = 7, warmup: int = 1) -> list[float]:
     """Median seconds per call of every candidate on ``inputs``, timed round robin after warm-up."""
     times: list[list[float]] = [[] for _ in cands]
+    feeds = [prefill_inputs(c.model, inputs) for c in cands]  # a KV model times its prefill
     with torch.inference_mode():
-        for c in cands:
+        for c, feed in zip(cands, feeds, strict=True):
             for _ in range(warmup):
-                c.model(*inputs)
+                c.model(*feed)
         for _ in range(repeats):
             for k, c in enumerate(cands):
                 t = time.perf_counter()
-                c.model(*inputs)
+                c.model(*feeds[k])
                 times[k].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
 

@@ -79,11 +79,17 @@ class KVCacheLM(torch.nn.Module):
             use_cache=True,
             **{_cache_keyword(self.model): cache},
         )
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        present = [t for layer in _returned_cache(out).layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
 
     def state_pairs(self) -> list[tuple[int, int]]:
         return [(LEADING_INPUTS + i, 1 + i) for i in range(2 * self.n_layers)]
+
+
+def _returned_cache(out):
+    """The cache a forward returned: ``out.cache`` in newer transformers (``past_key_values`` is then a
+    deprecated alias that logs a warning), ``out.past_key_values`` before."""
+    return out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401 (.get would read the alias)
 
 
 def _cache_layers(model) -> int:
@@ -111,7 +117,7 @@ def cache_shapes(model) -> list[tuple[int, int]]:
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, **{_cache_keyword(model): DynamicCache()})
-    layers = out.past_key_values.layers
+    layers = _returned_cache(out).layers
     if len(layers) != _cache_layers(model):
         raise ValueError(f"{type(model).__name__}: {len(layers)} cache layers for {_cache_layers(model)} layers")
     return [(int(t.shape[1]), int(t.shape[3])) for layer in layers for t in (layer.keys, layer.values)]

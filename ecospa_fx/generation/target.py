@@ -158,6 +158,18 @@ class KVLayout:
         }
 
 
+def prefill_inputs(model, inputs: tuple) -> tuple:
+    """``inputs`` as ``model`` takes them: a compressed KV module gets ``(input_ids[, attention_mask])``
+    turned into a prefill (positions from the mask, an empty cache at its own widths); others as given."""
+    layout = getattr(model, "ecospa_kv", None)
+    if layout is None or len(inputs) > 2:
+        return inputs
+    ids = inputs[0]
+    mask = inputs[1] if len(inputs) > 1 and inputs[1] is not None else torch.ones_like(ids)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return (ids, mask, positions, *layout.empty_past(ids.shape[0], ids.device))
+
+
 def kv_layout(analysis, keep: np.ndarray, target: CaptureTarget) -> KVLayout:
     """The compressed cache widths from the state inputs' adopted labels and the keep mask."""
     narrow = state_shapes(analysis, keep)
