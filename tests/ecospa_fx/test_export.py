@@ -71,12 +71,23 @@ def test_output_names_follow_the_model_outputs(tmp_path):
 def test_static_compressed_module_exports_static_and_says_why(tmp_path):
     case = case_by_name("hf_llama_gqa")
     inputs = case.inputs()
-    compressed = ecospa_fx.compress(case.build(), inputs, 0.5)  # no dynamic_shapes: literal batch/seq
+    compressed = ecospa_fx.compress(case.build(), inputs, 0.5, dynamic_shapes=None)  # static on request
+    assert compressed.ecospa_shapes == "static"
     result = export_onnx(compressed, inputs, tmp_path / "m.onnx", parity_inputs=[_tokens(3, 5)])
     assert not result.dynamic
     assert any("compressed with static shapes" in n for n in result.notes)
     assert any("parity on other shapes skipped" in n for n in result.notes)
     assert result.max_diff < 1e-4
+
+
+def test_compressed_by_default_takes_other_batch_and_sequence_sizes_and_exports_dynamic(tmp_path):
+    case = case_by_name("hf_llama_gqa")
+    inputs = case.inputs()
+    compressed = ecospa_fx.compress(case.build(), inputs, 0.5)
+    assert compressed.ecospa_shapes == "dynamic"
+    assert compressed(_tokens(3, 5)[0]).logits.shape[:2] == (3, 5)
+    result = export_onnx(compressed, inputs, tmp_path / "m.onnx", parity_inputs=[_tokens(3, 5)])
+    assert result.dynamic and result.max_diff < 1e-4
 
 
 def test_plain_module_exports_dynamic(tmp_path):
