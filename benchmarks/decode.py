@@ -12,7 +12,8 @@ model once, the median over ``--rounds`` is reported.
 Measured per model and runtime: prefill ms for a 128- and a 512-token prompt (batch 1); decode ms per token
 over ``--new-tokens`` greedy tokens after a 128-token prompt, at batch 1 and 8; peak RSS of a fresh process
 that loads the ONNX file and decodes at batch 1. The weight-bytes ratio (dense fp32 bytes / model bytes,
-every parameter read once per token) is the bound a memory-bound decode can reach. With ``llama-cpp-python``
+every parameter read once per token; for int8, the ratio of the ONNX file sizes) is the bound a memory-bound
+decode can reach. With ``llama-cpp-python``
 installed, the original Q4_1 GGUF in llama.cpp is timed the same way as a reference (not a target).
 """
 
@@ -84,12 +85,12 @@ def time_decode(stepper, vocab: int, batch: int, new_tokens: int) -> float:
 def peak_rss_mb(onnx_path: Path, vocab: int, new_tokens: int) -> float:
     """Peak RSS of a fresh process that opens ``onnx_path`` and decodes ``new_tokens`` at batch 1."""
     code = (
-        "import resource, sys, torch; sys.path.insert(0, sys.argv[1]);"
+        "import sys, torch; sys.path.insert(0, sys.argv[1]);"
         "from ecospa_fx.generation.backends import OrtStepper; from ecospa_fx.generation.decode import generate;"
         f"s = OrtStepper(sys.argv[2], threads={THREADS}); ids = torch.randint(0, {vocab}, (1, 128));"
         f"generate(s, ids, {new_tokens}, eos_token_id=[]);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
+        "print([ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0])"
+    )  # VmHWM (kB): this process's own peak; ru_maxrss would carry the parent's peak across exec
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", code, root, str(onnx_path)], capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024 if out.returncode == 0 else float("nan")
@@ -181,7 +182,10 @@ def report(results, rss, sizes, params, reference, args) -> None:
         runtime, _, model = name.partition(" ")
         base = model.split(" ")[0]
         dense = results[f"{runtime} dense"]
-        bytes_ratio = dense_bytes / (params[base] * (1 if "int8" in model else 4))
+        if "int8" in model:  # int8 MatMul weights, fp32 embedding table for the lookup: the file says it
+            bytes_ratio = sizes.get("ORT dense", float("nan")) / sizes.get(name, float("nan"))
+        else:
+            bytes_ratio = dense_bytes / (params[base] * 4)
         print(
             f"| {name} | {params[base] / 1e6:.1f}M | {bytes_ratio:.2f}x | {r['prefill_128_ms']:.1f} | "
             f"{r['prefill_512_ms']:.1f} | {r['decode_ms_per_token_b1']:.2f} | "
