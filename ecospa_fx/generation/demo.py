@@ -69,6 +69,7 @@ def run_llm_demo(
 ) -> list[LlmRow]:
     """Dense and compressed SmolLM2 side by side (see the module docstring); one row per model."""
     import ecospa_fx
+    from ecospa_fx.generation.job import encode_prompt
     from ecospa_fx.generation.onnx_kv import export_kv_onnx
     from ecospa_fx.loading import load_model, load_tokenizer, offline
 
@@ -83,7 +84,7 @@ def run_llm_demo(
     progress(f"calibrating on {calibration_tokens} tokens of Python docs, compressing at {sparsity:g}")
     batches = python_docs_batches(tokenizer, calibration_tokens)
     small = ecospa_fx.compress(model, example, sparsity, calibration=batches)
-    ids = _chat_ids(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, chat=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for name, module in (("dense", dense), (f"{sparsity:.0%} removed", small)):
@@ -93,15 +94,6 @@ def run_llm_demo(
         return _side_by_side(
             [("dense", dense), (f"{sparsity:.0%} removed", small)], files, ids, tokenizer, max_new_tokens, rounds
         )
-
-
-def _chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    return torch.tensor([list(ids)], dtype=torch.long)
 
 
 def _side_by_side(models, files, ids, tokenizer, max_new_tokens: int, rounds: int) -> list[LlmRow]:

@@ -136,13 +136,7 @@ def prompt_ids(source: Source, prompt: str, max_new_tokens: int, chat: bool) -> 
     model's positions."""
     if not prompt:
         raise InputError("--prompt is empty: give the text to continue")
-    tok = source.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = tok(prompt)["input_ids"]
-    ids = torch.tensor([list(ids)], dtype=torch.long)
+    ids = encode_prompt(source.tokenizer, prompt, chat)
     limit = source.max_positions
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise InputError(
@@ -150,6 +144,16 @@ def prompt_ids(source: Source, prompt: str, max_new_tokens: int, chat: bool) -> 
             f"{limit} positions the model has; shorten the prompt or ask for fewer tokens"
         )
     return ids
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """``prompt`` as token ids [1, S]; with ``chat`` (and a template) as one user turn of the chat template."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([list(ids)], dtype=torch.long)
 
 
 def run_one(stepper, tokenizer, ids: torch.Tensor, args, label: str, params, stream) -> Generated:
