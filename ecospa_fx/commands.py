@@ -183,8 +183,9 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
         model, config = load_model(args.model, args.gguf_file)
     tokenizer = _tokenizer_or_none(args.model, args.gguf_file)
     example, calibration, loss_fn = _compress_inputs(args, config, tokenizer)
+    tokens = _calibration_tokens(calibration)
     what = f"compressing at sparsity {args.sparsity:g} ({args.importance} scores"
-    what += f" on {len(calibration)} calibration batches)" if calibration else ")"
+    what += f" on {len(calibration)} calibration batches, {tokens:,} tokens)" if calibration else ")"
     meter = ui.bar(what + ": calibration batches") if calibration else ui.stage(what + ": capture, score, rewrite")
     with meter as update:
         compressed = ecospa_fx.compress(
@@ -223,9 +224,31 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
             "max_abs_diff": report.max_abs_diff,
             "groups": {k: report.count(k) for k in ("qk", "vo", "ffn", "head")},
             "skipped": len(report.skipped),
+            "calibration_tokens": tokens,
         },
     )
     return 0
+
+
+FEW_CALIBRATION_TOKENS = 1024
+
+
+def _calibration_tokens(calibration) -> int:
+    """How many tokens the calibration batches hold; a warning when they are few. Measured (issue 15):
+    SmolLM2 at 30% on held-out Python docs reached 3.9x the dense perplexity with 64 calibration tokens
+    (this command's old default) and 2.3x with 2,048."""
+    if not calibration:
+        return 0
+    tokens = sum(int(batch[0].numel()) for batch in calibration)
+    if tokens < FEW_CALIBRATION_TOKENS:
+        warnings.warn(
+            f"calibration used only {tokens:,} tokens; activation scores from so few are noisy (64 tokens gave "
+            "3.9x the dense perplexity at 30% where 2,048 gave 2.3x): raise --calibration-batches, --batch or "
+            "--seq to reach 2,048 or more",
+            EcospaWarning,
+            stacklevel=2,
+        )
+    return tokens
 
 
 def check_out_dir(out: Path) -> None:

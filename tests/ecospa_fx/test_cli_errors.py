@@ -218,7 +218,7 @@ def test_missing_subcommand_is_a_usage_error(capsys):
     assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", ["demo", "inspect", "compress", "export", "eval"])
+@pytest.mark.parametrize("command", ["demo", "demo-llm", "inspect", "compress", "export", "generate", "eval"])
 def test_every_subcommand_has_help_with_modes_and_exit_codes(capsys, command):
     code, out, _ = call(capsys, command, "--help")
     assert code == 0
@@ -237,3 +237,10 @@ def test_exit_codes_of_parity_and_verification_failures():
     assert _describe(VerificationError("differs\nmore"))[1] == EXIT_VERIFY
     message, code = _describe(ZeroDivisionError("x"))
     assert code == EXIT_INTERNAL and "rerun with --debug" in message
+
+
+def test_compress_says_how_many_calibration_tokens_and_warns_when_few(tiny, tmp_path, capsys):
+    args = ["compress", str(tiny["llama"]), "--out", str(tmp_path / "o"), "--calibration", str(tiny["text"])]
+    code, out, err = call(capsys, *args, "--batch", "2", "--seq", "8", "--json")
+    assert code == 0 and json.loads(out)["calibration_tokens"] == 4 * 2 * 8
+    assert "calibration used only 64 tokens" in err and len(err.strip().splitlines()) == 1
