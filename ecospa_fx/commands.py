@@ -513,7 +513,8 @@ def _eval_fidelity(args, ui: Ui, model, dense, reference: Path, ids: torch.Tenso
 
 
 def run_generate(args: argparse.Namespace, ui: Ui) -> int:
-    from ecospa_fx.generation.job import open_source, prompt_ids, run_one
+    from ecospa_fx.generation.decode import load_stepper
+    from ecospa_fx.generation.job import open_source, param_count, prompt_ids, run_one
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -524,7 +525,7 @@ def run_generate(args: argparse.Namespace, ui: Ui) -> int:
     ids = prompt_ids(source, args.prompt, args.max_new_tokens, args.chat)
     runs = []
     if source.dense is not None:
-        runs.append((load_dense_stepper(source.dense), f"{args.model.name} (dense)", _params(source.dense)))
+        runs.append((load_stepper(source.dense), f"{args.model.name} (dense)", param_count(source.dense)))
     runs.append((source.stepper, source.label, source.params))
     outputs = []
     for stepper, label, params in runs:
@@ -539,16 +540,6 @@ def run_generate(args: argparse.Namespace, ui: Ui) -> int:
     line = _speed_line(outputs[0]) if len(outputs) == 1 else _speedup_line(outputs[0], outputs[-1])
     ui.result(line, {"prompt": args.prompt, "outputs": [o.to_json() for o in outputs]})
     return 0
-
-
-def load_dense_stepper(module):
-    from ecospa_fx.generation.decode import load_stepper
-
-    return load_stepper(module)
-
-
-def _params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _speed_line(g) -> str:

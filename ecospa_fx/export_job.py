@@ -191,6 +191,7 @@ def run_kv_export(job: ExportJob, step: Step = lambda _: None) -> KVExportOutcom
     """A causal LM (model directory, compressed first at ``sparsity``, or artifact) to an ONNX file with
     past/present KV tensors, checked on prefill and decode; with ``int8`` also its int8 copy."""
     from ecospa_fx.generation.onnx_kv import export_kv_onnx, quantize_int8, token_agreement
+    from ecospa_fx.generation.target import embedding_name
 
     check_writable(job.out)
     step(f"loading {job.source}")
@@ -216,7 +217,7 @@ def run_kv_export(job: ExportJob, step: Step = lambda _: None) -> KVExportOutcom
     if job.int8:
         step("quantizing to int8 and measuring token agreement with fp32")
         path = quantize_int8(job.out, job.out.with_suffix(".int8.onnx"))
-        vocab = model.get_parameter(_embedding_name(model)).shape[0]
+        vocab = model.get_parameter(embedding_name(model)).shape[0]
         int8 = {
             "path": str(path),
             "bytes": path.stat().st_size,
@@ -238,10 +239,3 @@ def _genai(job: ExportJob, model, config) -> str:
         return f"not written: {problem}"
     tokenizer = load_tokenizer(job.source, None if is_artifact(job.source) else job.gguf_file)
     return str(write_genai_folder(model, job.out, job.genai, config, tokenizer))
-
-
-def _embedding_name(model) -> str:
-    for node in model.graph.nodes:
-        if node.op == "call_function" and "embedding" in str(node.target) and node.args[0].op == "get_attr":
-            return str(node.args[0].target)
-    raise InputError("cannot find the token embedding of this model")

@@ -123,33 +123,35 @@ def cache_shapes(model) -> list[tuple[int, int]]:
     return [(int(t.shape[1]), int(t.shape[3])) for layer in layers for t in (layer.keys, layer.values)]
 
 
-def empty_past(model, batch: int, dtype: torch.dtype, device="cpu", length: int = 0) -> list[torch.Tensor]:
-    """Dense past tensors of ``length`` for ``model`` (random when length > 0, for capture and probes)."""
+def random_past(shapes, batch: int, dtype: torch.dtype, device="cpu", length: int = 0) -> list[torch.Tensor]:
+    """Past tensors ``[batch, heads, length, dim]`` for every (heads, dim) of ``shapes``, seeded random
+    (empty when ``length`` is 0)."""
     gen = torch.Generator().manual_seed(0)
     return [
-        torch.randn((batch, heads, length, dim), generator=gen).to(dtype=dtype, device=device)
-        for heads, dim in cache_shapes(model)
+        torch.randn((batch, heads, length, dim), generator=gen).to(dtype=dtype, device=device) for heads, dim in shapes
     ]
 
 
-def kv_example(model, input_ids: torch.Tensor, past_length: int = 2) -> tuple:
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: real tokens count from 0 (``cumsum(mask) - 1``), padding gets 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(inputs: tuple, past: list[torch.Tensor]) -> tuple:
+    """``(input_ids[, attention_mask])`` as a KV-form prefill over ``past`` (usually length 0): the mask
+    (all ones when absent) and the positions from it."""
+    ids = inputs[0]
+    mask = inputs[1] if len(inputs) > 1 and inputs[1] is not None else torch.ones_like(ids, dtype=torch.long)
+    return (ids, mask, positions_of(mask), *past)
+
+
+def kv_example(input_ids: torch.Tensor, shapes, dtype: torch.dtype, past_length: int = 2) -> tuple:
     """The KV form of ``(input_ids,)``: a full attention mask, positions after ``past_length`` past tokens
-    and random past tensors (so capture and the oracle see a non-empty cache)."""
+    and random past tensors of ``shapes`` (so capture and the oracle see a non-empty cache)."""
     batch, seq = input_ids.shape
-    dtype = next(model.parameters()).dtype
     mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=input_ids.device)
     positions = torch.arange(past_length, past_length + seq, device=input_ids.device).expand(batch, seq)
-    return (input_ids, mask, positions, *empty_past(model, batch, dtype, input_ids.device, past_length))
-
-
-def kv_batch(model, batch: tuple) -> tuple:
-    """A calibration batch ``(input_ids,)`` or ``(input_ids, attention_mask)`` in KV form with no past."""
-    input_ids = batch[0]
-    b, s = input_ids.shape
-    mask = batch[1] if len(batch) > 1 and batch[1] is not None else torch.ones(b, s, dtype=torch.long)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    dtype = next(model.parameters()).dtype
-    return (input_ids, mask, positions, *empty_past(model, b, dtype, input_ids.device))
+    return (input_ids, mask, positions, *random_past(shapes, batch, dtype, input_ids.device, past_length))
 
 
 def kv_dynamic_shapes(example: tuple) -> tuple:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ecospa_fx.errors import InputError
+from ecospa_fx.generation.causal_lm import positions_of
 from ecospa_fx.generation.sampling import Sampling
 
 
@@ -72,7 +73,7 @@ def generate(
 
 def _loop(stepper, ids, mask, max_new_tokens, choose, eos, pad, on_token, stats) -> torch.LongTensor:
     batch = ids.shape[0]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_of(mask)
     stats.prompt_tokens = int(mask.sum())
     start = time.perf_counter()
     logits, past = stepper.step(ids, mask, positions, stepper.empty_past(batch))

@@ -72,7 +72,9 @@ def open_source(args, status: Callable[[str], None]) -> Source:
         status(f"rebuilding {path} with its KV cache")
         module = load_artifact(path, kv=True)
         tokenizer = load_tokenizer(path, fallback=args.tokenizer)
-        return Source(load_stepper(module), tokenizer, path.name, _positions(artifact_config(path)), _count(module))
+        return Source(
+            load_stepper(module), tokenizer, path.name, _positions(artifact_config(path)), param_count(module)
+        )
     return _compressed_here(args, path, status)
 
 
@@ -98,7 +100,7 @@ def _compressed_here(args, path: Path, status) -> Source:
     if args.compare and args.sparsity:
         status("capturing the dense model for --compare")
         dense = ecospa_fx.compress(model, example, 0.0)
-    return Source(load_stepper(small), tokenizer, label, _positions(config), _count(small), dense)
+    return Source(load_stepper(small), tokenizer, label, _positions(config), param_count(small), dense)
 
 
 def _calibration(args, tokenizer) -> list[tuple] | None:
@@ -120,14 +122,16 @@ def _calibration(args, tokenizer) -> list[tuple] | None:
 
 
 def _positions(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions"):
+    from ecospa_fx.artifact_format import POSITION_KEYS
+
+    for key in POSITION_KEYS:
         value = getattr(config, key, None) if config is not None else None
         if isinstance(value, int) and value > 0:
             return value
     return None
 
 
-def _count(module) -> int:
+def param_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 

@@ -96,9 +96,9 @@ def _inputs(compressed, batch: int, seq: int, past: int) -> tuple:
 
 def _vocab(compressed) -> int:
     """The number of rows of the token table (the parameter an ``embedding`` reads)."""
-    from ecospa_fx.export_job import _embedding_name
+    from ecospa_fx.generation.target import embedding_name
 
-    return int(compressed.get_parameter(_embedding_name(compressed)).shape[0])
+    return int(compressed.get_parameter(embedding_name(compressed)).shape[0])
 
 
 def _capture(compressed, example: tuple):

@@ -19,11 +19,13 @@ from ecospa_fx.errors import CaptureError, InputError
 from ecospa_fx.generation.causal_lm import (
     LEADING_INPUTS,
     KVCacheLM,
+    cache_shapes,
     capture_context,
     is_cached_causal_lm,
-    kv_batch,
     kv_dynamic_shapes,
     kv_example,
+    prefill,
+    random_past,
 )
 from passes.state import state_shapes
 from passes.verify import max_abs_diff, max_abs_value
@@ -55,8 +57,10 @@ class CaptureTarget:
         for b, batch in enumerate(batches or []):
             _check_token_inputs(batch, f"calibration[{b}]")
         wrapper = KVCacheLM(model)
-        example = kv_example(model, inputs[0])
-        converted = [kv_batch(model, batch) for batch in batches] if batches is not None else None
+        widths, dtype = cache_shapes(model), next(model.parameters()).dtype  # one probing forward
+        example = kv_example(inputs[0], widths, dtype)
+        empty = lambda b: random_past(widths, b[0].shape[0], dtype, b[0].device)  # noqa: E731
+        converted = [prefill(b, empty(b)) for b in batches] if batches is not None else None
         shapes = kv_dynamic_shapes(example) if auto or dynamic_shapes is None else dynamic_shapes
         return cls(wrapper, example, converted, shapes, wrapper.state_pairs(), model)
 
@@ -158,16 +162,21 @@ class KVLayout:
         }
 
 
+def embedding_name(gm) -> str:
+    """The parameter an ``embedding`` of ``gm`` reads: the token table (its rows are the vocabulary)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "embedding" in str(node.target) and node.args[0].op == "get_attr":
+            return str(node.args[0].target)
+    raise InputError("cannot find the token embedding of this model")
+
+
 def prefill_inputs(model, inputs: tuple) -> tuple:
     """``inputs`` as ``model`` takes them: a compressed KV module gets ``(input_ids[, attention_mask])``
     turned into a prefill (positions from the mask, an empty cache at its own widths); others as given."""
     layout = getattr(model, "ecospa_kv", None)
     if layout is None or len(inputs) > 2:
         return inputs
-    ids = inputs[0]
-    mask = inputs[1] if len(inputs) > 1 and inputs[1] is not None else torch.ones_like(ids)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return (ids, mask, positions, *layout.empty_past(ids.shape[0], ids.device))
+    return prefill(inputs, layout.empty_past(inputs[0].shape[0], inputs[0].device))
 
 
 def kv_layout(analysis, keep: np.ndarray, target: CaptureTarget) -> KVLayout:
