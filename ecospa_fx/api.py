@@ -20,7 +20,7 @@ from ecospa_fx.report import Group, Member, Report, Skipped
 from passes.capture import CaptureFailed, CaptureInputError, capture, check_inputs, copy_module, train_mode_modules
 from passes.coupling_state import CouplingFacts
 from passes.dataflow import analyse
-from passes.groups import CoupledUnits, build_groups, orphan_blockers
+from passes.groups import CoupledUnits, build_groups, orphan_blockers, removed_by_space
 from passes.importance import CRITERIA, ScoreInputs, score_groups
 from passes.importance.base import ReportingBatches, relative_to_median, wanted_mask
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
@@ -315,13 +315,8 @@ def _param_names(group: CoupledUnits, facts: CouplingFacts) -> tuple[str, ...]:
 def _report_group(group: CoupledUnits, facts: CouplingFacts, keep: np.ndarray) -> Group:
     members, sites = [], []
     channels = group.channels
-    for sid in group.spaces:
+    for sid, removed in removed_by_space(group, facts, keep):
         space = facts.spaces[sid]
-        local = keep[space.offset : space.offset + space.size]
-        in_group = np.zeros(space.size, dtype=bool)
-        mine = channels[(channels >= space.offset) & (channels < space.offset + space.size)] - space.offset
-        in_group[mine] = True
-        removed = tuple(np.flatnonzero(in_group & ~local).tolist())
         if space.is_virtual:
             sites.append(f"{space.site[0]}[arg {space.site[1]}, axis {space.site[2]}]")
         else:

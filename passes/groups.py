@@ -43,6 +43,21 @@ class CoupledUnits:
         return not self.reasons
 
 
+def removed_by_space(group: CoupledUnits, facts: CouplingFacts, keep: np.ndarray) -> list[tuple[int, tuple[int, ...]]]:
+    """``(space id, removed local indices)`` for every space of ``group``: the indices of that space that
+    belong to the group and that ``keep`` drops (virtual spaces included; they hold no parameter)."""
+    out = []
+    channels = group.channels
+    for sid in group.spaces:
+        space = facts.spaces[sid]
+        mine = channels[(channels >= space.offset) & (channels < space.offset + space.size)] - space.offset
+        in_group = np.zeros(space.size, dtype=bool)
+        in_group[mine] = True
+        local = keep[space.offset : space.offset + space.size]
+        out.append((sid, tuple(np.flatnonzero(in_group & ~local).tolist())))
+    return out
+
+
 def unit_components(facts: CouplingFacts, granularity: str) -> np.ndarray:
     """Component label per global channel id under the ties used at ``granularity``."""
     kinds = ("aligned", "broadcast") if granularity == "channel" else ("aligned", "block")

@@ -1,0 +1,365 @@
+"""Reconstruction: refit the kept input columns (and the bias) of every weight sink that lost columns, so
+that its output on calibration data stays what the dense model computes.
+
+At a linear sink ``y = x W^T + b`` (W_o after attention, W_down after the FFN activation) that loses input
+columns ``R`` and keeps ``K``, the refit solves, over the calibration tokens ``n``, the damped least squares
+
+    min_{A, c}  sum_n || x_n[K] A^T + c - t_n ||^2 + lam ||A||^2
+
+in closed form. With ``z = [x[K], 1]`` (the 1 only when an intercept is fitted), ``G = sum z^T z`` and
+``C = sum z^T [x_t, 1]``:
+
+    [A, c]^T = (G + lam I_K)^{-1} C [W, b]^T ,       lam = damp * mean(diag G_KK)
+
+The target ``t_n = x_t W^T + b`` is, per ``target``:
+
+- ``"dense"``: the dense model's output at this sink (``x_t`` = the dense model's input there), while
+  ``x`` comes from the model already compressed *and refit* up to this sink: the refit also corrects the
+  error every earlier layer left (error-aware, layer by layer);
+- ``"self"``: this sink's own output on the partially compressed model (``x_t = x``, the removed channels
+  still alive): ``A = W_K + W_R G_RK G_KK^{-1}``, the OBS update of SparseGPT / SlimGPT for removing whole
+  input columns.
+
+Sinks are visited in graph order. All calibration batches step through the graph together (one
+``torch.fx.Interpreter`` environment per batch, values freed after their last use), pausing before each
+refit sink: its Gram matrices are accumulated in float64 over every batch, solved (Cholesky), and written
+into the working model, so the next sink sees the refit one. Memory: the live values of every batch plus
+one sink's ``(width + 1)^2`` float64 Gram (two for ``"dense"``), never a stored activation of the model.
+
+Groups whose channels also end in a contraction that is not refit (Q/K at q.k, a shared weight, a matmul
+with a weight) are masked in the working model from the start; the others stay alive until their sink is
+refit and its removed columns are zeroed. Either way the result is only new values for existing weights
+(and new biases), a function of the dense model, the plan and the data: the mask oracle compares the
+compressed model with the dense model carrying the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from passes.capture import copy_module
+from passes.groups import CoupledUnits, removed_by_space
+from passes.importance.base import ScoreInputs, operand_ids, sinks, wanted_mask
+from passes.importance.compensate import _param, add_output_biases
+from passes.verify import masked_copy
+
+aten = torch.ops.aten
+TARGETS = ("dense", "self")
+
+
+@dataclass(frozen=True)
+class RefitSettings:
+    """target: "dense" or "self" (module docstring); damp: ridge as a fraction of the mean Gram diagonal;
+    intercept: also fit the output bias (a new bias where the linear had none and its outputs are whole)."""
+
+    target: str = "dense"
+    damp: float = 0.01
+    intercept: bool = True
+
+
+@dataclass
+class _Site:
+    """One refit sink: its node, which argument is the activation, the weight (and the weight axis that
+    meets the activation's channels: 1 for ``linear``'s [out, in], 0 for ``addmm`` / ``mm``'s [in, out]),
+    the bias, and the input columns it keeps / loses."""
+
+    node: str
+    x_arg: int
+    weight: str
+    in_axis: int
+    bias: str | None
+    kept: np.ndarray
+    removed: np.ndarray
+    intercept: bool = False
+
+
+@dataclass
+class Refit:
+    """New values of existing weights and biases (by target), new biases (by linear node), and the weights
+    that were refit."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    new_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+
+    def apply_weights(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """In place: every refit weight and existing bias takes its new value (shapes unchanged)."""
+        with torch.no_grad():
+            for target, value in self.weights.items():
+                _tensor(gm, target).copy_(value)
+        return gm
+
+    def dense_model(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """A copy of the dense ``gm`` with the refit weights and the new biases (the oracle's dense side)."""
+        return add_output_biases(self.apply_weights(copy_module(gm)), self.new_biases)
+
+
+def _tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    return getattr(module, leaf)
+
+
+def refit_sites(inputs: ScoreInputs, groups: list[CoupledUnits], keep: np.ndarray, intercept: bool) -> list[_Site]:
+    """The weight sinks that lose input columns, have a linear form and own their weight alone, in graph
+    order."""
+    facts, gm = inputs.facts, inputs.gm
+    wanted = wanted_mask(facts, groups)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    owners = _tensor_owners(gm)
+    out = []
+    for c in facts.contractions:
+        form = _linear_form(c, nodes[c.node])
+        found = sinks(c)
+        if form is None or len(found) != 1 or found[0][0] != form[0]:
+            continue
+        i, space, letters = found[0]
+        ids = operand_ids(facts, c.operands[i], space, letters, c.sizes).reshape(-1)
+        if not wanted[ids].any() or keep[ids].all():
+            continue
+        x_arg, weight, in_axis, bias = form[1:]
+        if not _sole_use(weight, owners) or (bias is not None and not _sole_use(bias, owners)):
+            continue
+        fit_bias = intercept and (bias is not None or (in_axis == 1 and not _output_pruned(facts, weight, keep)))
+        site = _Site(
+            c.node,
+            x_arg,
+            str(weight.target),
+            in_axis,
+            None if bias is None else str(bias.target),
+            np.flatnonzero(keep[ids]),
+            np.flatnonzero(~keep[ids]),
+            fit_bias,
+        )
+        out.append(site)
+    order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
+    return sorted(out, key=lambda site: order[site.node])
+
+
+def _linear_form(c, node: fx.Node):
+    """``(operand index, activation arg, weight node, weight input axis, bias node)`` when ``node`` is
+    ``x @ W^T + b`` (``linear``), ``b + x @ W`` (``addmm``) or ``x @ W`` (``mm`` / ``matmul``) with a 2-D
+    weight and the activation's last axis as the only contracted one; else None."""
+    if node.target is aten.linear.default:
+        x_arg, w_arg, in_axis = 0, 1, 1
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    elif node.target is aten.addmm.default and not node.kwargs:
+        x_arg, w_arg, in_axis, bias = 1, 2, 0, node.args[0]
+    elif node.target in (aten.mm.default, aten.matmul.default):
+        x_arg, w_arg, in_axis, bias = 0, 1, 0, None
+    else:
+        return None
+    paths = [op.path for op in c.operands]
+    if (x_arg,) not in paths or (w_arg,) not in paths or len(c.contracted) != 1:
+        return None
+    i, j = paths.index((x_arg,)), paths.index((w_arg,))
+    x, w = c.operands[i], c.operands[j]
+    weight = node.args[w_arg]
+    if not w.is_weight or len(w.letters) != 2 or x.letters[-1] not in c.contracted:
+        return None
+    if w.letters[in_axis] != x.letters[-1] or (bias is not None and getattr(bias, "op", None) != "get_attr"):
+        return None
+    return i, x_arg, weight, in_axis, bias
+
+
+def _tensor_owners(gm: fx.GraphModule) -> dict[int, int]:
+    """id(tensor) -> how many names (parameters and buffers) hold it: tied weights count more than once."""
+    counts: dict[int, int] = {}
+    for _, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        counts[id(t)] = counts.get(id(t), 0) + 1
+    return counts
+
+
+def _sole_use(node, owners: dict[int, int]) -> bool:
+    """A get_attr read by exactly one node, naming a tensor no other name holds."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or len(node.users) != 1:
+        return False
+    siblings = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target]
+    return len(siblings) == 1 and owners.get(id(_param(node.graph.owning_module, node)), 0) == 1
+
+
+def _output_pruned(facts, weight: fx.Node, keep: np.ndarray) -> bool:
+    """Does some plan remove rows (dim 0) of the ``linear`` weight ``weight``?"""
+    return any(
+        space.param == str(weight.target)
+        and space.dim == 0
+        and not space.is_virtual
+        and not keep[space.offset : space.offset + space.size].all()
+        for space in facts.spaces
+    )
+
+
+def upfront_removed(inputs: ScoreInputs, groups: list[CoupledUnits], keep: np.ndarray, refit: set[str]):
+    """(param, dim, indices) to zero before the run: every group with a channel that some contraction other
+    than a refit sink sums away (q.k, a matmul with a weight, a sink sharing its weight)."""
+    facts = inputs.facts
+    elsewhere = np.zeros(facts.n_channels, dtype=bool)
+    for c in facts.contractions:
+        if c.node in refit:
+            continue
+        for i, space, letters in sinks(c):
+            elsewhere[operand_ids(facts, c.operands[i], space, letters, c.sizes).reshape(-1)] = True
+    out = []
+    for group in groups:
+        if elsewhere[group.channels].any():
+            spaces = [(facts.spaces[s], idx) for s, idx in removed_by_space(group, facts, keep)]
+            out += [(space.param, space.dim, idx) for space, idx in spaces if not space.is_virtual]
+    return out
+
+
+class _Stepper(fx.Interpreter):
+    """Runs a graph a stretch of nodes at a time, for one batch environment at a time (values freed after
+    their last use), so that many batches can advance through the graph together."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.by_name = {n.name: n for n in gm.graph.nodes}
+        self.added_bias: dict[str, torch.Tensor] = {}  # linear node -> bias it did not have (refit intercept)
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        return out + self.added_bias[n.name] if n.name in self.added_bias else out
+
+    def run_nodes(self, names: Sequence[str], env: dict, batch: tuple) -> dict:
+        self.env, self.args_iter = env, iter(batch)
+        for name in names:
+            node = self.by_name[name]
+            self.env[node] = self.run_node(node)
+            for gone in self.user_to_last_uses.get(node, []):
+                del self.env[gone]
+        return self.env
+
+    def input_of(self, env: dict, site: _Site) -> torch.Tensor:
+        """The activation argument of ``site``'s node in ``env``."""
+        return env[self.by_name[site.node].args[site.x_arg]]
+
+
+def _stretches(gm: fx.GraphModule, stops: list[str]) -> list[list[str]]:
+    """Node names in graph order, cut before each name in ``stops`` (the last stretch ends before the last
+    stop: the sink itself runs at the start of the next stretch, after its refit)."""
+    out: list[list[str]] = [[]]
+    pending = list(stops)
+    for node in gm.graph.nodes:
+        if not pending:
+            break
+        if node.name == pending[0]:
+            pending.pop(0)
+            out.append([])
+        out[-1].append(node.name)
+    return out[: len(stops)]
+
+
+class _Gram:
+    """``G = sum z^T z`` and ``C = sum z^T [x_t, 1]`` over tokens, ``z = [x, 1]`` (float64)."""
+
+    def __init__(self, width: int, cross: bool):
+        self.g = torch.zeros(width + 1, width + 1, dtype=torch.float64)
+        self.c = torch.zeros_like(self.g) if cross else None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, target: torch.Tensor | None) -> None:
+        z = _with_ones(x)
+        self.g += z.T @ z
+        if self.c is not None:
+            self.c += z.T @ _with_ones(target)
+        self.tokens += z.shape[0]
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+    return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=torch.float64)], dim=1)
+
+
+def solve(gram: _Gram, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site, damp: float):
+    """``(new weight, new bias or None)``: kept columns ``A`` and intercept ``c`` of the damped least
+    squares, removed columns 0. Shapes and layout are the dense weight's (``[in, out]`` when
+    ``site.in_axis`` is 0)."""
+    n = weight.shape[site.in_axis]
+    rows = np.append(site.kept, n) if site.intercept else site.kept
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    g = gram.g.index_select(0, idx).index_select(1, idx)
+    c = (gram.c if gram.c is not None else gram.g).index_select(0, idx)
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    w = w if site.in_axis == 1 else w.T  # [out, in]
+    fitted_bias = bias is not None and site.intercept  # without an intercept, regress y - b on x[K]
+    b = bias.detach().cpu().double() if fitted_bias else torch.zeros(w.shape[0], dtype=torch.float64)
+    rhs = c @ torch.cat([w, b[:, None]], dim=1).T  # [|rows|, out]
+    diag = torch.diagonal(g)[: len(site.kept)]
+    lam = damp * float(diag.mean()) if len(site.kept) else 0.0
+    g = g + torch.diag(torch.cat([torch.full_like(diag, lam), torch.zeros(len(rows) - len(site.kept))]))
+    sol = _spd_solve(g, rhs)
+    new_w = torch.zeros_like(w)
+    new_w[:, torch.as_tensor(site.kept, dtype=torch.long)] = sol[: len(site.kept)].T
+    new_w = (new_w if site.in_axis == 1 else new_w.T).to(weight)
+    if not site.intercept:  # the bias is untouched (z has no ones column: regress y - b on x[K])
+        return new_w, None
+    return new_w, sol[-1].to(dtype=weight.dtype, device=weight.device)
+
+
+def _spd_solve(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``g^{-1} rhs`` by Cholesky; least squares where ``g`` is singular (a kept channel that is always 0)."""
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.lstsq(g, rhs, driver="gelsd").solution
+
+
+def reconstruct(
+    inputs: ScoreInputs,
+    groups: list[CoupledUnits],
+    keep: np.ndarray,
+    settings: RefitSettings = RefitSettings(),
+    progress: Callable[[int, int], None] | None = None,
+) -> Refit:
+    """Refit every sink of ``groups`` that loses input columns under ``keep`` (module docstring), on
+    ``inputs.calibration``; ``progress(done, total)`` after each sink."""
+    if settings.target not in TARGETS:
+        raise ValueError(f"refit target must be one of {TARGETS}, got {settings.target!r}")
+    sites = refit_sites(inputs, groups, keep, settings.intercept)
+    refit = Refit()
+    if not sites or not inputs.calibration:
+        return refit
+    gm = inputs.gm
+    work = masked_copy(gm, upfront_removed(inputs, groups, keep, {s.node for s in sites}))
+    runners = [_Stepper(work)] + ([_Stepper(gm)] if settings.target == "dense" else [])
+    batches = list(getattr(inputs.calibration, "batches", inputs.calibration))
+    envs = [[{} for _ in batches] for _ in runners]
+    with torch.no_grad():
+        for done, (site, stretch) in enumerate(zip(sites, _stretches(gm, [s.node for s in sites]), strict=True)):
+            gram = _Gram(_tensor(work, site.weight).shape[site.in_axis], cross=len(runners) > 1)
+            for b, batch in enumerate(batches):
+                for runner, env in zip(runners, envs, strict=True):
+                    env[b] = runner.run_nodes(stretch, env[b], batch)
+                dense = runners[-1].input_of(envs[-1][b], site) if len(runners) > 1 else None
+                gram.add(runners[0].input_of(envs[0][b], site), dense)
+            _write(runners[0], refit, site, solve(gram, *_weight_and_bias(gm, site), site, settings.damp))
+            if progress is not None:
+                progress(done + 1, len(sites))
+    return refit
+
+
+def _weight_and_bias(dense: fx.GraphModule, site: _Site):
+    """The dense weight and bias of ``site`` (what the target output is computed with)."""
+    return _tensor(dense, site.weight), None if site.bias is None else _tensor(dense, site.bias)
+
+
+def _write(runner: _Stepper, refit: Refit, site: _Site, solved) -> None:
+    """Record the refit of ``site`` and put it into the working model (so later sinks see it)."""
+    weight, bias = solved
+    work = runner.module
+    _tensor(work, site.weight).copy_(weight)
+    refit.weights[site.weight] = weight
+    refit.sites.append(site.weight)
+    if bias is None:
+        return
+    if site.bias is not None:
+        _tensor(work, site.bias).copy_(bias)
+        refit.weights[site.bias] = bias
+    else:
+        refit.new_biases[site.node] = bias
+        runner.added_bias[site.node] = bias
