@@ -18,6 +18,7 @@ means what it says; rotary pairs stay whole, GQA families keep one channel set),
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import gzip
 import importlib.util
@@ -43,6 +44,7 @@ from passes.groups import build_groups
 from passes.importance import ScoreInputs, score_groups
 from passes.importance.base import wanted_mask
 from passes.importance.compensate import SinkMeans, add_output_biases, bias_deltas, sink_means
+from passes.importance.refit import RefitSettings, reconstruct
 from passes.plan import PlanSettings, plan_groups, unit_costs
 from passes.rewrite import apply_plan
 
@@ -72,6 +74,15 @@ def austen_novels(base: Path = AUSTEN) -> dict[str, str]:
     return novels
 
 
+def python_docs_ids(tok) -> torch.Tensor:
+    """A second, unrelated evaluation text: the second half of Python's documentation topics
+    (``pydoc_data.topics``, stdlib; the first half is what ``ecospa-fx demo-llm`` calibrates on)."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return tok(text[len(text) // 2 :], return_tensors="pt")["input_ids"][0]
+
+
 def windows(ids: torch.Tensor, count: int, seq: int) -> list[tuple[torch.Tensor]]:
     """``count`` windows of ``seq`` tokens, evenly spaced over ``ids`` (no overlap), as (1, seq) batches."""
     starts = np.linspace(0, len(ids) - seq, count).astype(int)
@@ -90,6 +101,8 @@ class Prunable:
     groups: list = field(default_factory=list)
     params: dict = field(default_factory=dict)
     last_keep: np.ndarray | None = None
+    refit_s: float = 0.0
+    damping: dict = field(default_factory=dict)
 
     def __post_init__(self):
         with torch.no_grad():
@@ -116,6 +129,8 @@ class Prunable:
         allocation: str = "uniform",
         budget: str = "channels",
         means: SinkMeans | None = None,
+        refit: RefitSettings | None = None,
+        calibration=None,
     ):
         facts = self.analysis.facts
         settings = PlanSettings(sparsity, 1, "channel", allocation, budget, 0.9)
@@ -127,7 +142,16 @@ class Prunable:
                     keep[unit] = False
         keep = _reconcile(self.groups, self.analysis, keep, Report(sparsity=sparsity, granularity="channel"))
         out = copy.deepcopy(self.gm)
+        if refit is not None:
+            inputs = ScoreInputs(self.gm, facts, self.params, self.analysis.labels, calibration)
+            t0 = time.time()
+            fitted = reconstruct(inputs, self.groups, keep, refit)
+            self.refit_s = time.time() - t0
+            self.damping = dict(collections.Counter(fitted.damping.values()))
+            fitted.apply_weights(out)
         apply_plan(out, self.analysis, keep)
+        if refit is not None:
+            add_output_biases(out, fitted.new_biases)
         if means is not None:
             add_output_biases(out, bias_deltas(self.gm, means, keep))
         self.last_keep = keep
@@ -147,22 +171,27 @@ class RowSpec:
     parameters (``allocation="global", budget="params"``); ``norm`` divides each group's scores by their sum
     (a unit's share of its group), ``med`` by the group's median unit score (robust to massive-activation
     units); ``comp`` adds bias compensation of the removed V/O and FFN channels; ``plan`` only plans
-    (per-layer allocation, no perplexity)."""
+    (per-layer allocation, no perplexity); ``refit`` / ``refitself`` refit the kept W_o / W_down columns and
+    biases (``passes.importance.refit``, target dense output / own output), ``nob`` without the bias."""
 
     criterion: str
     allocation: str = "uniform"
     normalise: str = ""  # "sum": a unit's share of its group; "median": relative to the group's median unit
     compensate: bool = False
     plan_only: bool = False  # +plan: plan and report the allocation, no evaluation
+    refit: str = ""  # +refit: reconstruction towards the dense output; +refitself: towards its own output
+    intercept: bool = True  # +nob: refit without fitting the output bias
 
     @classmethod
     def parse(cls, row: str) -> RowSpec:
         criterion, *mods = row.split("+")
-        unknown = set(mods) - {"global", "norm", "med", "comp", "plan"}
+        unknown = set(mods) - {"global", "norm", "med", "comp", "plan", "refit", "refitself", "nob"}
         if unknown:
             raise SystemExit(f"unknown row modifiers {sorted(unknown)} in {row!r}")
         norm = "sum" if "norm" in mods else "median" if "med" in mods else ""
-        return cls(criterion, "global" if "global" in mods else "uniform", norm, "comp" in mods, "plan" in mods)
+        refit = "dense" if "refit" in mods else "self" if "refitself" in mods else ""
+        allocation = "global" if "global" in mods else "uniform"
+        return cls(criterion, allocation, norm, "comp" in mods, "plan" in mods, refit, "nob" not in mods)
 
     @property
     def budget(self) -> str:
@@ -294,13 +323,15 @@ def bench_smollm2(args, log) -> dict:
     eval_ids = tok(novels[EVAL_NOVEL], return_tensors="pt")["input_ids"][0]
     calibration = windows(calib_ids, args.calib, args.seq)
     evaluation = windows(eval_ids, args.eval_windows, args.seq)
+    second = windows(python_docs_ids(tok), args.eval_windows, args.seq)
     t0 = time.time()
     prunable = Prunable(model, calibration[0])
     log(f"captured and analysed in {time.time() - t0:.0f} s: {len(prunable.groups)} groups")
     t0 = time.time()
     dense_ppl = perplexity(prunable.gm, evaluation)
     dense_s = time.time() - t0
-    log(f"dense perplexity {dense_ppl:.2f} ({dense_s:.0f} s)")
+    dense_ppl2 = perplexity(prunable.gm, second)
+    log(f"dense perplexity {dense_ppl:.2f} (pydoc {dense_ppl2:.2f}) ({dense_s:.0f} s)")
     out = {
         "protocol": {
             "seq": args.seq,
@@ -310,7 +341,7 @@ def bench_smollm2(args, log) -> dict:
             f"{EVAL_NOVEL} ({len(eval_ids)} tokens); stride = window, no carried context; "
             f"{args.eval_windows * (args.seq - 1)} predicted tokens",
         },
-        "dense": {"ppl": dense_ppl, "params": n_params(prunable.gm)},
+        "dense": {"ppl": dense_ppl, "ppl_pydoc": dense_ppl2, "params": n_params(prunable.gm)},
         "rows": {},
         "timings": {"dense_eval_s": dense_s},
     }
@@ -329,15 +360,22 @@ def bench_smollm2(args, log) -> dict:
             out["timings"]["compensation_means_s"] = time.time() - t0
         for ratio in args.ratios:
             t0 = time.time()
-            compressed = prunable.compressed(
-                scores, ratio, spec.allocation, spec.budget, cache.get("means") if spec.compensate else None
-            )
+            refit = RefitSettings(spec.refit, args.damp, spec.intercept) if spec.refit else None
+            means = cache.get("means") if spec.compensate else None
+            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means, refit, calibration)
             ppl = float("nan") if spec.plan_only else perplexity(compressed, evaluation)
-            cell = {"ppl": ppl, "params": n_params(compressed)}
+            ppl2 = float("nan") if spec.plan_only else perplexity(compressed, second)
+            cell = {"ppl": ppl, "ppl_pydoc": ppl2, "params": n_params(compressed)}
+            if refit is not None:
+                cell["refit_s"] = prunable.refit_s
+                log(f"    refit {prunable.refit_s:.0f} s, damping chosen: {prunable.damping}")
             if spec.allocation == "global":
                 cell["removed_per_layer"] = prunable.allocation(prunable.last_keep)
             out["rows"].setdefault(row, {})[str(ratio)] = cell
-            log(f"  {row} {ratio:.0%}: ppl {ppl:.2f}, params {n_params(compressed):,} ({time.time() - t0:.0f} s)")
+            log(
+                f"  {row} {ratio:.0%}: ppl {ppl:.2f} (pydoc {ppl2:.2f}), params {n_params(compressed):,} "
+                f"({time.time() - t0:.0f} s)"
+            )
             if "removed_per_layer" in cell:
                 log(f"    removed per layer: {cell['removed_per_layer']}")
             del compressed
@@ -502,11 +540,12 @@ def bench_minilm(args, log) -> dict:
         scores = spec.transform(prunable.scores(spec.criterion, calibration, embedding_loss, args.seed))
         means = prunable.means(calibration) if spec.compensate else None
         for ratio in args.ratios:
-            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means)
+            refit = RefitSettings(spec.refit, args.damp, spec.intercept) if spec.refit else None
+            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means, refit, calibration)
             cos, top1 = fidelity(compressed, dense_emb, evaluation)
             out["rows"].setdefault(row, {})[str(ratio)] = {"cos": cos, "top1": top1, "params": n_params(compressed)}
             log(f"  minilm {row} {ratio:.0%}: cos {cos:.4f} top1 {top1:.3f} params {n_params(compressed):,}")
-    for imp in ("l2", "l1", "taylor"):
+    for imp in ("l2", "l1", "taylor") if args.tp_timeout > 0 else ():
         for ratio in args.ratios:
             try:
                 pruned = torch_pruning_minilm(model, calibration[0], ratio, imp, calibration)
@@ -581,6 +620,7 @@ def main(argv=None) -> None:
     parser.add_argument("--minilm-sentences", type=int, default=320)
     parser.add_argument("--tp-timeout", type=float, default=60.0, help="seconds for Torch-Pruning on SmolLM2 (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--damp", type=float, default=None, help="refit ridge; default: chosen on held-out tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument(

@@ -23,7 +23,8 @@ from passes.dataflow import analyse
 from passes.groups import CoupledUnits, build_groups, orphan_blockers, removed_by_space
 from passes.importance import CRITERIA, ScoreInputs, score_groups
 from passes.importance.base import ReportingBatches, relative_to_median, wanted_mask
-from passes.importance.compensate import add_output_biases, bias_deltas, sink_means, with_output_biases
+from passes.importance.compensate import add_output_biases, bias_deltas, sink_means
+from passes.importance.refit import Refit, RefitSettings, reconstruct
 from passes.plan import PlanSettings, plan_groups, unit_costs, why_nothing_removed
 from passes.rewrite import SYMBOLIC_REASON, RewriteError, apply_plan, preflight
 from passes.state import StateMap, state_shapes
@@ -48,7 +49,9 @@ def compress(
     The result is a ``torch.fx.GraphModule`` called with the same positional inputs as ``model``; its
     report is ``result.ecospa_report`` (also ``result.report``). ``model`` is not modified. Options are the
     fields of ``CompressConfig`` (granularity, kinds, round_to, importance, allocation, budget,
-    max_sparsity, across_kinds, seed, verify, atol, rtol).
+    max_sparsity, across_kinds, seed, compensate, refit, refit_damp, refit_bias, verify, atol, rtol). With
+    ``calibration`` the units are ranked by their activations and the kept W_o / W_down columns are refit to
+    preserve each layer's output (``refit="auto"``).
 
     dynamic_shapes: ``"auto"`` (default): batch (axis 0) and sequence (axis 1 of token ids and of ``[B, S, H]``
         float inputs) dynamic where the example has 2 or more and the model allows it, static where it pins
@@ -57,7 +60,8 @@ def compress(
     calibration: batches of positional inputs shaped like ``example_inputs`` (needed by
         importance="activation" and "fisher"; same dtypes, same sizes except on dynamic axes; an empty list
         is an error: pass None for data-free scoring); loss_fn: ``loss_fn(outputs, batch) -> scalar`` ("fisher");
-    progress: ``progress(done, total)`` called as calibration batches are processed (for a progress bar);
+    progress: ``progress(done, total)`` called as calibration batches are processed (for a progress bar),
+        then, when the kept weights are refit (``refit``), as each refit weight is done (counting from 0);
     state: carried state as ``[(input position, output position), ...]`` for a model that takes back what it
         returned (a hand-written decoder's KV cache): the state shrinks with the channels it is concatenated
         with, and the result's ``ecospa_state`` gives the narrowed shapes. A Hugging Face causal LM loaded
@@ -93,17 +97,11 @@ def compress(
     score_inputs = ScoreInputs(gm, analysis.facts, params, analysis.labels, batches, loss_fn, config.seed)
     keep, report = _plan(groups, analysis.facts, params, config, score_inputs)
     keep = _reconcile(groups, analysis, keep, report)
-    compressed = copy_module(gm)
-    try:
-        apply_plan(compressed, analysis, keep)
-    except RewriteError as err:
-        raise EcospaError(f"rewrite failed, model left as it was: {err}") from err
-    deltas = _compensate(compressed, score_inputs, groups, keep) if config.compensate and config.sparsity else {}
+    compressed, dense, deltas = _rewritten(gm, analysis, groups, keep, score_inputs, config, report, progress)
     report.params_before = _count(gm)
     report.params_after = _count(compressed)
     state = StateMap.of(analysis, keep) if target.state else None
     if config.verify:
-        dense = with_output_biases(gm, deltas) if deltas else gm
         _verify(dense, compressed, inputs, report, config.atol, config.rtol, state)
     if target.state:
         compressed.ecospa_state = state_shapes(analysis, keep)
@@ -208,19 +206,40 @@ def _resolved(config: CompressConfig, calibration) -> CompressConfig:
     return dataclasses.replace(config, importance="activation" if calibration else "magnitude")
 
 
+def _rewritten(gm, analysis, groups, keep, score_inputs: ScoreInputs, config: CompressConfig, report, progress):
+    """``(compressed, dense reference for the oracle, new output biases by node)``: the refit (if any) runs
+    on the dense graph first; the plan is applied to a copy carrying the refit weights; new biases (refit
+    intercepts, or bias compensation when there is no refit) are added to both sides."""
+    planned = [g for g in groups if not g.reasons]
+    refit = _refit(score_inputs, planned, keep, config, progress)
+    compressed = refit.apply_weights(copy_module(gm))
+    try:
+        apply_plan(compressed, analysis, keep)
+    except RewriteError as err:
+        raise EcospaError(f"rewrite failed, model left as it was: {err}") from err
+    deltas = dict(refit.new_biases)
+    if config.compensate and config.sparsity and not refit.sites:
+        deltas = bias_deltas(gm, sink_means(score_inputs, wanted_mask(score_inputs.facts, planned)), keep)
+    add_output_biases(compressed, deltas)
+    report.refit = tuple(refit.sites)
+    if not refit.sites and not deltas:
+        return compressed, gm, deltas
+    return compressed, add_output_biases(refit.apply_weights(copy_module(gm)), deltas), deltas
+
+
+def _refit(score_inputs: ScoreInputs, groups: list[CoupledUnits], keep, config: CompressConfig, progress) -> Refit:
+    """The reconstruction ``config.refit`` asks for ("auto": "dense" when calibration is given)."""
+    target = config.refit if config.refit != "auto" else "dense"
+    if target == "none" or not config.sparsity or not score_inputs.calibration or keep.all():
+        return Refit()
+    settings = RefitSettings(target, config.refit_damp, config.refit_bias or config.compensate)
+    return reconstruct(score_inputs, groups, keep, settings, progress)
+
+
 def _compensated_weights(gm: fx.GraphModule, deltas: dict) -> tuple[str, ...]:
     """The weight names of the linears whose bias took a compensation delta (``deltas`` is keyed by node)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     return tuple(str(nodes[name].args[1].target) for name in deltas)
-
-
-def _compensate(compressed: fx.GraphModule, score_inputs: ScoreInputs, groups, keep: np.ndarray) -> dict:
-    """Fold E[x_R] of removed channels into the biases of the W_o / W_down linears they fed (in place);
-    returns the deltas (node name -> tensor) so the oracle can add the same to the dense side."""
-    stats = sink_means(score_inputs, wanted_mask(score_inputs.facts, [g for g in groups if not g.reasons]))
-    deltas = bias_deltas(score_inputs.gm, stats, keep)
-    add_output_biases(compressed, deltas)
-    return deltas
 
 
 def _calibration(model, config: CompressConfig, calibration, loss_fn) -> list[tuple] | None:
@@ -233,6 +252,10 @@ def _calibration(model, config: CompressConfig, calibration, loss_fn) -> list[tu
         )
     if config.compensate and config.sparsity > 0 and not calibration:
         raise InputError("compensate=True needs calibration=[batch, ...] (the removed channels' means)")
+    if config.refit in ("dense", "self") and config.sparsity > 0 and not calibration:
+        raise InputError(
+            f"refit={config.refit!r} needs calibration=[batch, ...] (the data the kept weights are refit on)"
+        )
     if criterion.needs_loss and config.sparsity > 0 and not callable(loss_fn):
         raise InputError(f"importance={config.importance!r} needs loss_fn(outputs, batch) -> scalar tensor")
     if calibration is None:

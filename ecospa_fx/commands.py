@@ -186,7 +186,8 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
     tokens = _calibration_tokens(calibration)
     what = f"compressing at sparsity {args.sparsity:g} ({args.importance} scores"
     what += f" on {len(calibration)} calibration batches, {tokens:,} tokens)" if calibration else ")"
-    meter = ui.bar(what + ": calibration batches") if calibration else ui.stage(what + ": capture, score, rewrite")
+    stages = ": calibration batches, then refit weights"
+    meter = ui.bar(what + stages) if calibration else ui.stage(what + ": capture, score, rewrite")
     with meter as update:
         compressed = ecospa_fx.compress(
             model,

@@ -12,7 +12,8 @@ from passes.plan import ALLOCATIONS, BUDGETS
 
 KINDS = ("qk", "vo", "ffn", "head")
 GRANULARITIES = ("channel", "head", "auto")
-IMPORTANCES = ("auto", *CRITERIA)  # auto, magnitude, activation, fisher, uncoupled, random
+IMPORTANCES = ("auto", *CRITERIA)
+REFITS = ("auto", "dense", "self", "none")  # auto, magnitude, activation, fisher, uncoupled, random
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,22 @@ class CompressConfig:
     max_sparsity: the per-group (per-layer) cap under global allocation.
     across_kinds: global allocation ranks qk, vo and ffn units in one pool (scores normalised per kind).
     seed: seed of the "random" criterion.
-    compensate: fold the calibration mean of every removed V/O and FFN channel into the output bias of
-        W_o / W_down (FLAP-style; ``b += W[:, R] @ E[x_R]``, a bias is created where there was none);
-        needs ``calibration``. The mask oracle then compares against the masked model plus the same biases.
+    compensate: keep the output mean of W_o / W_down with an output bias (created where there was none;
+        needs ``calibration``): with a refit, the refit fits the bias too (as ``refit_bias``); without one
+        (``refit="none"``), FLAP-style ``b += W[:, R] @ E[x_R]`` (the calibration mean of every removed
+        channel). The mask oracle then compares against the masked model plus the same biases.
+    refit: reconstruct what is kept so that each pruned group's output is preserved on the calibration data
+        (``passes.importance.refit``): the kept input columns of every W_o / W_down sink that lost columns
+        are refit by damped least squares, sink by sink in graph order, each seeing the model already
+        refit before it. "auto" (default): "dense" when ``calibration`` is given and something is removed,
+        else "none"; "dense": the target is the dense model's output at the sink (corrects the error
+        earlier layers left too); "self": the sink's own output on the partially compressed model (the
+        OBS update of SparseGPT / SlimGPT); "none": no refit. Existing biases are refit too.
+    refit_damp: the refit's ridge, as a fraction of the mean diagonal of the kept channels' Gram matrix;
+        None (default): chosen per weight on held-out calibration tokens (one in five), and a weight is not
+        refit where no damping beats the plain removal on them.
+    refit_bias: the refit also creates an output bias where the sink had none (a constant the removed
+        channels' means leave; the model then no longer matches its Hugging Face class).
     verify: check the result against the masked dense model (the mask oracle) on the example inputs.
     atol, rtol: verification passes when max|compressed - masked dense| <= atol + rtol * max|output|.
     """
@@ -56,6 +70,9 @@ class CompressConfig:
     across_kinds: bool = False
     seed: int = 0
     compensate: bool = False
+    refit: str = "auto"
+    refit_damp: float | None = None
+    refit_bias: bool = False
     verify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-5
@@ -81,6 +98,14 @@ class CompressConfig:
             raise InputError(f"unknown importance {self.importance!r}; choose from {IMPORTANCES}")
         if not isinstance(self.compensate, bool):
             raise InputError(f"compensate must be True or False, got {self.compensate!r}")
+        if self.refit not in REFITS:
+            raise InputError(f"refit must be one of {REFITS}, got {self.refit!r}")
+        if not isinstance(self.refit_bias, bool):
+            raise InputError(f"refit_bias must be True or False, got {self.refit_bias!r}")
+        damp = self.refit_damp
+        real = isinstance(damp, numbers.Real) and not isinstance(damp, bool)
+        if damp is not None and not (real and math.isfinite(damp) and damp >= 0):
+            raise InputError(f"refit_damp must be a finite number >= 0 (a fraction of the Gram diagonal), got {damp!r}")
         if self.allocation not in ALLOCATIONS:
             raise InputError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.budget not in BUDGETS:

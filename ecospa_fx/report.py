@@ -65,6 +65,7 @@ class Report:
     params_after: int = 0
     max_abs_diff: float | None = None
     compensated: tuple[str, ...] = ()  # weights whose output bias absorbed removed channels' means
+    refit: tuple[str, ...] = ()  # weights whose kept columns were refit on calibration data
 
     def __iter__(self):
         return iter(self.groups)
@@ -117,9 +118,12 @@ class Report:
             lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
         if self.max_abs_diff is not None:
             lines.append(f"verified against the masked dense model: max abs diff {self.max_abs_diff:.2e}")
+        if self.refit:
+            shown = ", ".join(self.refit[:4]) + (" ..." if len(self.refit) > 4 else "")
+            lines.append(f"refit on calibration data: {len(self.refit)} weights ({shown})")
         if self.compensated:
             shown = ", ".join(self.compensated[:4]) + (" ..." if len(self.compensated) > 4 else "")
-            lines.append(f"bias compensation at {len(self.compensated)} linears: {shown}")
+            lines.append(f"bias compensation (output biases added) at {len(self.compensated)} linears: {shown}")
         whole = [g for g in self.groups if g.note]
         if whole:
             lines.append(f"planned but kept whole ({len(whole)} groups):")
@@ -160,6 +164,7 @@ class Report:
             "params_after": self.params_after,
             "max_abs_diff": self.max_abs_diff,
             "compensated": list(self.compensated),
+            "refit": list(self.refit),
             "counts": {k: self.count(k) for k in ("qk", "vo", "ffn", "head")},
             "groups": [
                 {

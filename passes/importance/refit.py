@@ -23,7 +23,11 @@ The target ``t_n = x_t W^T + b`` is, per ``target``:
 Sinks are visited in graph order. All calibration batches step through the graph together (one
 ``torch.fx.Interpreter`` environment per batch, values freed after their last use), pausing before each
 refit sink: its Gram matrices are accumulated in float64 over every batch, solved (Cholesky), and written
-into the working model, so the next sink sees the refit one. Memory: the live values of every batch plus
+into the working model, so the next sink sees the refit one. The damping is chosen per sink by
+measurement: one token in five is held out, each candidate of ``DAMPINGS`` is fitted on the rest and scored
+on it (the held-out error is a quadratic form in the held-out Gram matrices, no extra pass), the best is
+refit on every token; where no candidate beats the plain removal on the held-out tokens (too little data
+for the width), the sink is not refit. Memory: the live values of every batch plus
 one sink's ``(width + 1)^2`` float64 Gram (two for ``"dense"``), never a stored activation of the model.
 
 Groups whose channels also end in a contraction that is not refit (Q/K at q.k, a shared weight, a matmul
@@ -54,11 +58,13 @@ TARGETS = ("dense", "self")
 
 @dataclass(frozen=True)
 class RefitSettings:
-    """target: "dense" or "self" (module docstring); damp: ridge as a fraction of the mean Gram diagonal;
+    """target: "dense" or "self" (module docstring); damp: ridge as a fraction of the mean Gram diagonal
+    (None: the value of ``DAMPINGS`` with the lowest error on held-out tokens, per sink; no refit at a sink
+    where none beats the plain removal there);
     intercept: also fit the output bias (a new bias where the linear had none and its outputs are whole)."""
 
     target: str = "dense"
-    damp: float = 0.01
+    damp: float | None = None  # None: chosen per sink on held-out tokens
     intercept: bool = True
 
 
@@ -86,6 +92,7 @@ class Refit:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     new_biases: dict[str, torch.Tensor] = field(default_factory=dict)
     sites: list[str] = field(default_factory=list)
+    damping: dict[str, float | None] = field(default_factory=dict)  # weight -> damping used (None: not refit)
 
     def apply_weights(self, gm: fx.GraphModule) -> fx.GraphModule:
         """In place: every refit weight and existing bias takes its new value (shapes unchanged)."""
@@ -255,50 +262,97 @@ def _stretches(gm: fx.GraphModule, stops: list[str]) -> list[list[str]]:
 
 
 class _Gram:
-    """``G = sum z^T z`` and ``C = sum z^T [x_t, 1]`` over tokens, ``z = [x, 1]`` (float64)."""
+    """``G = sum z^T z`` and ``C = sum z^T [x_t, 1]`` over tokens, ``z = [x, 1]``, kept apart for a fit
+    part and a held-out part (every ``HOLD``-th token), each product in float32 and summed in float64."""
 
     def __init__(self, width: int, cross: bool):
-        self.g = torch.zeros(width + 1, width + 1, dtype=torch.float64)
-        self.c = torch.zeros_like(self.g) if cross else None
-        self.tokens = 0
+        zeros = lambda: torch.zeros(width + 1, width + 1, dtype=torch.float64)  # noqa: E731
+        self.g, self.g_held = zeros(), zeros()
+        self.c, self.c_held = (zeros(), zeros()) if cross else (None, None)
 
     def add(self, x: torch.Tensor, target: torch.Tensor | None) -> None:
         z = _with_ones(x)
-        self.g += z.T @ z
-        if self.c is not None:
-            self.c += z.T @ _with_ones(target)
-        self.tokens += z.shape[0]
+        t = _with_ones(target) if target is not None else z
+        held = torch.arange(z.shape[0]) % HOLD == HOLD - 1
+        for rows, g, c in ((~held, self.g, self.c), (held, self.g_held, self.c_held)):
+            zr = z[rows]
+            g += (zr.T @ zr).double()
+            if c is not None:
+                c += (zr.T @ t[rows]).double()
+
+    def total(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, C) over every token."""
+        g = self.g + self.g_held
+        return g, g if self.c is None else self.c + self.c_held
+
+    def fit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.g, self.g if self.c is None else self.c
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.g_held, self.g_held if self.c_held is None else self.c_held
+
+
+HOLD = 5  # one token in HOLD is held out to choose the damping
+DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # candidates, fractions of the mean Gram diagonal
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
-    return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=torch.float64)], dim=1)
+    flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float32)
+    return torch.cat([flat, torch.ones(flat.shape[0], 1)], dim=1)
 
 
-def solve(gram: _Gram, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site, damp: float):
-    """``(new weight, new bias or None)``: kept columns ``A`` and intercept ``c`` of the damped least
-    squares, removed columns 0. Shapes and layout are the dense weight's (``[in, out]`` when
-    ``site.in_axis`` is 0)."""
-    n = weight.shape[site.in_axis]
-    rows = np.append(site.kept, n) if site.intercept else site.kept
-    idx = torch.as_tensor(rows, dtype=torch.long)
-    g = gram.g.index_select(0, idx).index_select(1, idx)
-    c = (gram.c if gram.c is not None else gram.g).index_select(0, idx)
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
-    w = w if site.in_axis == 1 else w.T  # [out, in]
-    fitted_bias = bias is not None and site.intercept  # without an intercept, regress y - b on x[K]
-    b = bias.detach().cpu().double() if fitted_bias else torch.zeros(w.shape[0], dtype=torch.float64)
-    rhs = c @ torch.cat([w, b[:, None]], dim=1).T  # [|rows|, out]
-    diag = torch.diagonal(g)[: len(site.kept)]
-    lam = damp * float(diag.mean()) if len(site.kept) else 0.0
-    g = g + torch.diag(torch.cat([torch.full_like(diag, lam), torch.zeros(len(rows) - len(site.kept))]))
-    sol = _spd_solve(g, rhs)
-    new_w = torch.zeros_like(w)
-    new_w[:, torch.as_tensor(site.kept, dtype=torch.long)] = sol[: len(site.kept)].T
+class _Problem:
+    """The least squares of one site: rows of ``z`` used (kept columns, then the intercept), and the
+    dense weight and bias as one ``[out, in + 1]`` matrix ``Wb`` (the target is ``[x_t, 1] Wb^T``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site):
+        w = weight.detach().to(device="cpu", dtype=torch.float64)
+        self.w = w if site.in_axis == 1 else w.T  # [out, in]
+        fitted_bias = bias is not None and site.intercept  # without an intercept, regress y - b on x[K]
+        b = bias.detach().cpu().double() if fitted_bias else torch.zeros(self.w.shape[0], dtype=torch.float64)
+        self.wb = torch.cat([self.w, b[:, None]], dim=1)
+        rows = np.append(site.kept, self.w.shape[1]) if site.intercept else site.kept
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+        self.k = len(site.kept)
+
+    def solve(self, g: torch.Tensor, c: torch.Tensor, damp: float) -> torch.Tensor:
+        """``P = (G_rr + lam I_K)^{-1} C_r Wb^T``: ``[rows, out]``, the new kept columns (and bias) as rows."""
+        g_rr = g.index_select(0, self.rows).index_select(1, self.rows)
+        diag = torch.diagonal(g_rr)[: self.k]
+        lam = damp * float(diag.mean()) if self.k else 0.0
+        ridge = torch.cat([torch.full_like(diag, lam), torch.zeros(len(self.rows) - self.k, dtype=g.dtype)])
+        return _spd_solve(g_rr + torch.diag(ridge), self.rhs(c))
+
+    def rhs(self, c: torch.Tensor) -> torch.Tensor:
+        return c.index_select(0, self.rows) @ self.wb.T
+
+    def plain(self) -> torch.Tensor:
+        """``P`` of the removal without refit: the kept columns (and bias) as they are."""
+        return self.wb.T.index_select(0, self.rows)
+
+    def error(self, p: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> float:
+        """``sum ||z_r P - t||^2`` up to a constant: ``tr(P^T G_rr P) - 2 tr(P^T C_r Wb^T)``."""
+        g_rr = g.index_select(0, self.rows).index_select(1, self.rows)
+        return float((p * (g_rr @ p)).sum() - 2 * (p * self.rhs(c)).sum())
+
+
+def solve(gram: _Gram, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site, damp: float | None):
+    """``(new weight, new bias or None, damping)``, or None where no refit beats the plain removal on the
+    held-out tokens. ``damp`` None: the candidate of ``DAMPINGS`` with the lowest held-out error, then
+    solved on every token. Shapes and layout are the dense weight's (``[in, out]`` when ``site.in_axis``
+    is 0); removed columns are 0."""
+    problem = _Problem(weight, bias, site)
+    if damp is None:
+        errors = {d: problem.error(problem.solve(*gram.fit(), d), *gram.held()) for d in DAMPINGS}
+        damp = min(errors, key=errors.get)
+        if errors[damp] >= problem.error(problem.plain(), *gram.held()):
+            return None
+    p = problem.solve(*gram.total(), damp)
+    new_w = torch.zeros_like(problem.w)
+    new_w[:, torch.as_tensor(site.kept, dtype=torch.long)] = p[: problem.k].T
     new_w = (new_w if site.in_axis == 1 else new_w.T).to(weight)
-    if not site.intercept:  # the bias is untouched (z has no ones column: regress y - b on x[K])
-        return new_w, None
-    return new_w, sol[-1].to(dtype=weight.dtype, device=weight.device)
+    new_b = p[-1].to(dtype=weight.dtype, device=weight.device) if site.intercept else None
+    return new_w, new_b, damp
 
 
 def _spd_solve(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -337,7 +391,8 @@ def reconstruct(
                     env[b] = runner.run_nodes(stretch, env[b], batch)
                 dense = runners[-1].input_of(envs[-1][b], site) if len(runners) > 1 else None
                 gram.add(runners[0].input_of(envs[0][b], site), dense)
-            _write(runners[0], refit, site, solve(gram, *_weight_and_bias(gm, site), site, settings.damp))
+            solved = solve(gram, *_weight_and_bias(gm, site), site, settings.damp)
+            _write(runners[0], refit, site, solved if solved is not None else _plain(work, site))
             if progress is not None:
                 progress(done + 1, len(sites))
     return refit
@@ -348,15 +403,25 @@ def _weight_and_bias(dense: fx.GraphModule, site: _Site):
     return _tensor(dense, site.weight), None if site.bias is None else _tensor(dense, site.bias)
 
 
+def _plain(work: fx.GraphModule, site: _Site) -> tuple[torch.Tensor, None, None]:
+    """The weight with the removed columns zeroed and nothing refit (where no refit helps)."""
+    weight = _tensor(work, site.weight).detach().clone()
+    weight.index_fill_(site.in_axis, torch.as_tensor(site.removed, dtype=torch.long, device=weight.device), 0.0)
+    return weight, None, None
+
+
 def _write(runner: _Stepper, refit: Refit, site: _Site, solved) -> None:
     """Record the refit of ``site`` and put it into the working model (so later sinks see it)."""
-    weight, bias = solved
-    work = runner.module
-    _tensor(work, site.weight).copy_(weight)
+    weight, bias, damp = solved
+    _tensor(runner.module, site.weight).copy_(weight)
+    refit.damping[site.weight] = damp
+    if damp is None:
+        return
     refit.weights[site.weight] = weight
     refit.sites.append(site.weight)
     if bias is None:
         return
+    work = runner.module
     if site.bias is not None:
         _tensor(work, site.bias).copy_(bias)
         refit.weights[site.bias] = bias

@@ -94,6 +94,7 @@ def test_compensation_passes_the_oracle_and_adds_output_biases(name, granularity
     case = case_by_name(name)
     model, inputs = case.build(), case.inputs()
     kw = {"granularity": granularity, "importance": "activation", "calibration": [inputs], "round_to": 1}
+    kw["refit"] = "none"  # FLAP's mean compensation; with a refit the refit fits the bias (below)
     plain = ecospa_fx.compress(model, inputs, 0.5, **kw)
     out = ecospa_fx.compress(model, inputs, 0.5, compensate=True, **kw)
     assert out.ecospa_report.max_abs_diff < 1e-4
@@ -142,8 +143,10 @@ def test_progress_reports_every_calibration_batch():
         calibration=[inputs] * 3,
         progress=lambda done, total: calls.append((done, total)),
     )
-    assert calls[0] == (0, 3) and calls[-1] == (3, 3)
-    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    scoring = calls[: calls.index((3, 3)) + 1]
+    assert scoring[0] == (0, 3) and [d for d, _ in scoring] == sorted(d for d, _ in scoring)
+    refit = calls[len(scoring) :]  # then one call per refit weight: W_o and W_down of 2 layers
+    assert refit == [(k, 4) for k in range(1, 5)]
 
 
 def test_fisher_leaves_the_user_grads_and_flags_as_they_were():
@@ -170,3 +173,44 @@ def test_fisher_leaves_the_user_grads_and_flags_as_they_were():
         if grads[name] is not None:
             assert torch.equal(p.grad, grads[name]), name
     assert [p.requires_grad for p in model.parameters()] == [True, False, True, True]
+
+
+def test_refit_is_the_default_with_calibration_and_passes_the_oracle(llama):
+    """With calibration the kept W_o / W_down columns are refit (the report lists them) and the oracle,
+    against the dense model carrying the same weights, stays exact; refit="none" leaves them as they were."""
+    model, inputs, calibration = llama
+    batches = calibration * 4
+    out = ecospa_fx.compress(model, inputs, 0.5, calibration=batches, refit_damp=1e-3)
+    plain = ecospa_fx.compress(model, inputs, 0.5, calibration=batches, refit="none")
+    report = out.ecospa_report
+    assert report.max_abs_diff < 1e-4 and not plain.ecospa_report.refit
+    assert len(report.refit) == 4 and all(name.endswith(("o_proj.weight", "down_proj.weight")) for name in report.refit)
+    assert "refit on calibration data: 4 weights" in report.summary() and report.to_dict()["refit"] == list(
+        report.refit
+    )
+    assert report.removed == plain.ecospa_report.removed  # the refit changes values, not what is removed
+    name = report.refit[0]
+    assert not torch.equal(out.get_parameter(name), plain.get_parameter(name))
+    assert not out.ecospa_compensated  # Llama has no o/down bias and refit_bias is off
+
+
+def test_refit_bias_and_self_target(llama):
+    model, inputs, calibration = llama
+    out = ecospa_fx.compress(
+        model, inputs, 0.5, calibration=calibration * 3, refit="self", refit_bias=True, refit_damp=0.1
+    )
+    assert out.ecospa_report.max_abs_diff < 1e-4 and len(out.ecospa_compensated) == 4
+    for node in out.ecospa_compensated:
+        assert out.get_parameter(f"_ecospa_bias_{node}").shape == (model.config.hidden_size,)
+
+
+def test_refit_options_are_checked(llama):
+    model, inputs, _ = llama
+    with pytest.raises(InputError, match="refit='dense' needs calibration"):
+        ecospa_fx.compress(model, inputs, 0.5, refit="dense")
+    with pytest.raises(InputError, match="refit must be one of"):
+        CompressConfig(refit="obs")
+    with pytest.raises(InputError, match="refit_damp"):
+        CompressConfig(refit_damp=-1.0)
+    with pytest.raises(InputError, match="refit_bias"):
+        CompressConfig(refit_bias="yes")
