@@ -166,12 +166,25 @@ def _linear_form(c, node: fx.Node):
         return None
     i, j = paths.index((x_arg,)), paths.index((w_arg,))
     x, w = c.operands[i], c.operands[j]
-    weight = node.args[w_arg]
     if not w.is_weight or len(w.letters) != 2 or x.letters[-1] not in c.contracted:
         return None
     if w.letters[in_axis] != x.letters[-1] or (bias is not None and getattr(bias, "op", None) != "get_attr"):
         return None
+    weight, in_axis = _through_transposes(node.args[w_arg], in_axis)
     return i, x_arg, weight, in_axis, bias
+
+
+_SWAPS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+
+
+def _through_transposes(node, in_axis: int):
+    """The stored weight behind ``W.t()`` / ``W.transpose(0, 1)`` / ``W.permute(1, 0)`` (each read only
+    once), with the axis that meets the activation counted in the stored layout (each swap flips it)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _SWAPS:
+        if len(node.users) != 1 or not isinstance(node.args[0], fx.Node):
+            break
+        node, in_axis = node.args[0], 1 - in_axis
+    return node, in_axis
 
 
 def _tensor_owners(gm: fx.GraphModule) -> dict[int, int]:
