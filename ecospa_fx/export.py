@@ -25,8 +25,9 @@ emits SDPA as one ONNX ``Attention`` node, which onnxruntime runs. At opset 23 i
 'cos_cache' and 'sin_cache' are expected to have the same shape as input 'x', got 1 and 16": HF's cos/sin
 have batch 1); at opset 24 no ``RotaryEmbedding`` is emitted and every zoo model passes parity. The
 opset >= 23 SDPA translation rejects SDPA that broadcasts K/V heads without ``enable_gqa`` (Falcon's
-multi-query attention: "SDPA (MHA) requires q_num_heads = kv_num_heads"); with ``opset=None`` such
-models are re-translated at opset 18 (SDPA decomposed into MatMul/Softmax) and the result notes it.
+multi-query attention up to transformers 5.24; 5.25 repeats K/V first: "SDPA (MHA) requires q_num_heads =
+kv_num_heads"); with ``opset=None`` such models are re-translated at opset 18 (SDPA decomposed into
+MatMul/Softmax) and the result notes it.
 
 Graph simplification: ``torch.onnx.export`` already runs onnxscript's optimizer (constant folding, dead
 code, CSE). onnxscript's ``optimize_for_ort`` is not applied: its contrib ``RotaryEmbedding`` fusion fails

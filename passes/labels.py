@@ -96,7 +96,13 @@ def of_space(labels: Labels, space: int) -> Labels:
 def in_whole_blocks(outer: list[AxisLabel], inner: list[AxisLabel]) -> bool:
     """Every channel offset of the ``outer`` axes is a multiple of the extent the ``inner`` axes span
     (``1 + sum(ptp)``): the outer axes index whole blocks (heads) of the inner ones (head_dim). False when
-    either side is empty."""
+    either side is empty.
+
+    An inner axis whose contribution is constant (``ptp == 0``: a size-1 head axis left by ``split`` /
+    ``select`` of one KV head, ``[32]`` for K in a fused ``[q0..q3 | k | v]``, or that axis expanded) is an
+    offset, not a block dimension (``fold_constant_axes`` moves it onto a sibling): it spans nothing, so it
+    does not make ``outer`` a head axis. Only inner axes that vary count; none left means no blocks."""
+    inner = [lab for lab in inner if np.ptp(lab.arr) > 0]
     if not outer or not inner:
         return False
     extent = 1 + sum(int(np.ptp(lab.arr)) for lab in inner)

@@ -97,14 +97,53 @@ def test_plain_module_exports_dynamic(tmp_path):
     assert result.dynamic and result.max_diff < 1e-4
 
 
+class BroadcastMqaSdpa(nn.Module):
+    """Multi-query attention that lets SDPA broadcast K/V heads (4 query heads, 1 KV head, no
+    ``enable_gqa``): what Falcon's SDPA did before transformers 5.25, written without transformers."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.head_dim = heads, d // heads
+        self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * self.head_dim), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, 1, self.head_dim).transpose(1, 3).unbind(2)  # [B, 1, S, hd] each
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
 def test_opset_falls_back_when_the_attention_translation_fails(tmp_path):
-    case = case_by_name("hf_falcon")  # multi-query SDPA broadcasts K/V heads: opset-24 Attention rejects it
-    model, inputs = case.build(), case.inputs()
+    """SDPA that broadcasts K/V heads: the opset-24 ``Attention`` translation rejects it, so the default
+    export falls back to opset 18 and says why; an explicit opset 24 fails and names the node."""
+    model, inputs = BroadcastMqaSdpa().eval(), (torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)),)
     result = export_onnx(model, inputs, tmp_path / "f.onnx")
     assert result.opset == FALLBACK_OPSET and result.max_diff < 1e-4
     assert any("scaled_dot_product_attention" in n and "q_num_heads" in n for n in result.notes)
     with pytest.raises(ExportError, match=r"opset 24: node scaled_dot_product_attention .*q_num_heads"):
         export_onnx(model, inputs, tmp_path / "g.onnx", opset=24)
+
+
+def _sdpa_broadcasts_kv_heads(model: nn.Module, inputs: tuple) -> bool:
+    """Some captured SDPA reads fewer K heads than Q heads (without ``enable_gqa``: broadcast)."""
+    graph = torch.export.export(model, inputs, strict=False).graph
+    sdpa = [n for n in graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert sdpa, "the premise needs an SDPA node"
+    return any(n.args[0].meta["val"].shape[-3] != n.args[1].meta["val"].shape[-3] for n in sdpa)
+
+
+def test_falcon_exports_at_the_opset_its_attention_allows(tmp_path):
+    """Falcon's multi-query SDPA broadcast K/V heads up to transformers 5.24 (opset-18 fallback); 5.25
+    repeats them first (``repeat_kv``) and translates at opset 24. Which one applies is read from the
+    captured graph, not from the version; parity holds either way."""
+    case = case_by_name("hf_falcon")
+    model, inputs = case.build(), case.inputs()
+    broadcasts = _sdpa_broadcasts_kv_heads(model, inputs)
+    result = export_onnx(model, inputs, tmp_path / "f.onnx")
+    assert result.opset == (FALLBACK_OPSET if broadcasts else DEFAULT_OPSET) and result.max_diff < 1e-4
+    assert any("q_num_heads" in n for n in result.notes) == broadcasts
 
 
 def test_parity_failure_names_the_output_and_the_difference(tmp_path):

@@ -10,8 +10,9 @@ import torch
 import ecospa_fx
 from tests.zoo import ALL_CASES, case_by_name
 
-# Falcon picks K/V with a Python list index: traced on meta, the index constant has no values, so the analysis
-# fails closed there (the fused qkv stays dense) instead of guessing; every group it does find is real.
+# Falcon up to transformers 5.24 picks K/V with a Python list index: traced on meta, the index constant has no
+# values, so the analysis fails closed there (the fused qkv stays dense) instead of guessing; every group it does
+# find is real. From 5.25 it splits the heads (no constant), and meta discovery finds them all (also a subset).
 META_LOSES_CONSTANTS = {"hf_falcon"}
 
 

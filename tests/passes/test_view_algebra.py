@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from passes.labels import AxisLabel
+from passes.labels import AxisLabel, in_whole_blocks
 from passes.view_algebra import NotSeparable, fold_constant_axes, reshape_labels, reshape_segments
 
 
@@ -141,6 +141,17 @@ def test_reshape_drops_a_selected_head_axis_without_losing_its_channels():
     labels = (lab([8]), lab(np.arange(4)))
     out = reshape_labels(labels, [1, 4], [4])
     np.testing.assert_array_equal(out[0].arr, np.arange(8, 12))
+
+
+def test_constant_size1_axis_is_an_offset_not_a_block():
+    """K split out of a fused [q0..q3 | k | v] projection as [B, 1, S, D]: its size-1 head axis carries the
+    constant 32. That axis spans no block (extent 1 would divide every offset), so head_dim is not a head
+    axis over it; the head axis over head_dim still is, and a constant beside head_dim changes nothing."""
+    head, head_dim = lab([32]), lab(np.arange(8))
+    assert not in_whole_blocks([head_dim], [head])  # was True: extent 1 divides everything
+    assert not in_whole_blocks([head_dim], [lab([32, 32, 32, 32])])  # the same axis expanded over 4 q heads
+    assert in_whole_blocks([head], [head_dim])  # the head axis over head_dim is still a head axis
+    assert in_whole_blocks([lab([0, 8, 16, 24])], [head_dim, lab([32])])  # a constant beside head_dim: ignored
 
 
 def test_single_channel_keeps_being_carried():

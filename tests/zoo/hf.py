@@ -377,7 +377,9 @@ def _falcon() -> ZooCase:
         + (
             "Falcon-7B style (new_decoder_architecture=False, multi_query=True): fused query_key_value "
             "Linear(32 -> 32 + 2*8 = 48) viewed [B,S,H+2,head_dim] and sliced into q (H heads), k, v "
-            "(1 head each) - MQA. RoPE (alibi=False) shared per layer -> 1 qk group per layer "
+            "(1 head each) - MQA (transformers <= 5.24: slice + list index, SDPA broadcasts K/V; 5.25: "
+            "split([H, 1, 1], -2) leaving k a size-1 head axis, K/V repeated before SDPA). "
+            "RoPE (alibi=False) shared per layer -> 1 qk group per layer "
             "(= 1 per KV head anyway). Parallel attn: x + attn(ln x) + mlp(ln x), one input_layernorm. "
             "vo 1/layer; ffn dense_h_to_4h -> gelu -> dense_4h_to_h (4*32=128), 1/layer."
         ),
