@@ -154,13 +154,19 @@ def plan_compression(
     ``model`` may be on the ``meta`` device (then ``example_inputs`` may be too). ``weights``: where scores
     read weights (default: the model's own parameters); with ``importance="activation"`` and ``weights``
     given, statistics are collected one decoder layer at a time on ``calibration`` (real tensors), the
-    graph's meta device arguments retargeted to the CPU.
+    graph's meta device arguments retargeted to the CPU. Kept weights are not refit here (``refit="auto"``
+    streams without one; an explicit refit is refused).
     """
     from ecospa_fx.api import _capture, _checked, _plan, _reconcile, _resolved
 
     config = _resolved(config, calibration)
     if getattr(config, "compensate", False):
         raise InputError("compensate=True changes biases from calibration statistics: not supported when streaming")
+    if config.refit in ("dense", "self"):
+        raise InputError(
+            f"refit={config.refit!r} refits kept weights on calibration data: not supported when streaming (the "
+            "plan keeps the weights as stored; refit='auto' streams without a refit)"
+        )
     gm = _capture(model, _checked(model, example_inputs, allow_meta=True), None)
     analysis = analyse(gm)
     groups = build_groups(analysis.facts, config.granularity)

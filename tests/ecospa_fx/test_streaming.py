@@ -71,7 +71,7 @@ def test_streaming_apply_equals_in_memory(tmp_path, tied, importance):
     assert len(shard_files(src)) >= 2
     gen = torch.Generator().manual_seed(1)
     calibration = [(torch.randint(0, 128, (1, 8), generator=gen),) for _ in range(3)]
-    config = ecospa_fx.CompressConfig(sparsity=0.5, importance=importance)
+    config = ecospa_fx.CompressConfig(sparsity=0.5, importance=importance, refit="none")  # streaming: no refit
     extra = {"calibration": calibration} if importance == "activation" else {}
     ids = torch.randint(0, 128, (1, 8), generator=gen)
     reference = ecospa_fx.compress(model, (ids,), config=config, **extra)
@@ -106,3 +106,11 @@ def test_tied_parameters_map_to_the_stored_alias(tmp_path):
     assert weights.names["lm_head.weight"] == "model.embed_tokens.weight"
     assert torch.equal(weights["lm_head.weight"], model.lm_head.weight)
     assert "lm_head.weight" in weights and "nonexistent.weight" not in weights
+
+
+def test_streaming_refuses_an_explicit_refit(tmp_path):
+    model, _ = _saved(tmp_path, tied=False)
+    config = ecospa_fx.CompressConfig(sparsity=0.5, importance="activation", refit="dense")
+    ids = torch.randint(0, 128, (1, 8))
+    with pytest.raises(ecospa_fx.InputError, match="refit"):
+        plan_compression(model, (ids,), config, calibration=[(ids,)])
