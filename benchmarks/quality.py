@@ -569,14 +569,20 @@ def markdown(results: dict) -> str:
         r = results["smollm2"]
         ratios = sorted({k for row in r["rows"].values() for k in row}, key=float)
         lines += [
-            f"SmolLM2-135M perplexity (dense {r['dense']['ppl']:.2f}, {r['dense']['params']:,} params); "
+            f"SmolLM2-135M perplexity, Persuasion / Python docs (dense {r['dense']['ppl']:.2f} / "
+            f"{r['dense'].get('ppl_pydoc', float('nan')):.2f}, {r['dense']['params']:,} params); "
             f"{r['protocol']['evaluation']}; calibration: {r['protocol']['calibration']}.",
             "",
         ]
         lines.append("| criterion | " + " | ".join(f"{float(k):.0%} removed" for k in ratios) + " |")
         lines.append("|---" * (len(ratios) + 1) + "|")
         for name, row in r["rows"].items():
-            cells = [f"{row[k]['ppl']:.2f} ({row[k]['params'] / 1e6:.1f}M)" if k in row else "" for k in ratios]
+            cells = [
+                f"{row[k]['ppl']:.2f} / {row[k].get('ppl_pydoc', float('nan')):.2f} ({row[k]['params'] / 1e6:.1f}M)"
+                if k in row
+                else ""
+                for k in ratios
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if "torch_pruning" in r:
             lines += ["", f"Torch-Pruning 1.6.1 on the SmolLM2 architecture: {r['torch_pruning']}."]

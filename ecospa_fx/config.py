@@ -50,7 +50,7 @@ class CompressConfig:
         else "none"; "dense": the target is the dense model's output at the sink (corrects the error
         earlier layers left too); "self": the sink's own output on the partially compressed model (the
         OBS update of SparseGPT / SlimGPT); "none": no refit. Existing biases are refit too.
-    refit_damp: the refit's ridge, as a fraction of the mean diagonal of the kept channels' Gram matrix;
+    refit_damp: the refit's ridge towards the weights as they are, per kept channel a fraction of its energy;
         None (default): chosen per weight on held-out calibration tokens (one in five), and a weight is not
         refit where no damping beats the plain removal on them.
     refit_bias: the refit also creates an output bias where the sink had none (a constant the removed

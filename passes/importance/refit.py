@@ -4,12 +4,13 @@ that its output on calibration data stays what the dense model computes.
 At a linear sink ``y = x W^T + b`` (W_o after attention, W_down after the FFN activation) that loses input
 columns ``R`` and keeps ``K``, the refit solves, over the calibration tokens ``n``, the damped least squares
 
-    min_{A, c}  sum_n || x_n[K] A^T + c - t_n ||^2 + lam ||A||^2
+    min_{A, c}  sum_n || x_n[K] A^T + c - t_n ||^2 + sum_k L_k ||A[:, k] - W[:, k]||^2
 
-in closed form. With ``z = [x[K], 1]`` (the 1 only when an intercept is fitted), ``G = sum z^T z`` and
+(the ridge pulls towards the weights as they are, channel k by ``L_k = damp * G_kk``, its own energy) in
+closed form. With ``z = [x[K], 1]`` (the 1 only when an intercept is fitted), ``G = sum z^T z`` and
 ``C = sum z^T [x_t, 1]``:
 
-    [A, c]^T = (G + lam I_K)^{-1} C [W, b]^T ,       lam = damp * mean(diag G_KK)
+    [A, c]^T = (G + L)^{-1} (C [W, b]^T + L [W_K, b]^T)
 
 The target ``t_n = x_t W^T + b`` is, per ``target``:
 
@@ -17,7 +18,7 @@ The target ``t_n = x_t W^T + b`` is, per ``target``:
   ``x`` comes from the model already compressed *and refit* up to this sink: the refit also corrects the
   error every earlier layer left (error-aware, layer by layer);
 - ``"self"``: this sink's own output on the partially compressed model (``x_t = x``, the removed channels
-  still alive): ``A = W_K + W_R G_RK G_KK^{-1}``, the OBS update of SparseGPT / SlimGPT for removing whole
+  still alive): ``A = W_K + W_R G_RK (G_KK + L)^{-1}``, the OBS update of SparseGPT / SlimGPT for removing whole
   input columns.
 
 Sinks are visited in graph order. All calibration batches step through the graph together (one
@@ -58,7 +59,7 @@ TARGETS = ("dense", "self")
 
 @dataclass(frozen=True)
 class RefitSettings:
-    """target: "dense" or "self" (module docstring); damp: ridge as a fraction of the mean Gram diagonal
+    """target: "dense" or "self" (module docstring); damp: ridge as a fraction of each channel's Gram diagonal
     (None: the value of ``DAMPINGS`` with the lowest error on held-out tokens, per sink; no refit at a sink
     where none beats the plain removal there);
     intercept: also fit the output bias (a new bias where the linear had none and its outputs are whole)."""
@@ -306,7 +307,7 @@ class _Gram:
 
 
 HOLD = 5  # one token in HOLD is held out to choose the damping
-DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # candidates, fractions of the mean Gram diagonal
+DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)  # candidates, fractions of each channel's Gram diagonal
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
@@ -329,12 +330,15 @@ class _Problem:
         self.k = len(site.kept)
 
     def solve(self, g: torch.Tensor, c: torch.Tensor, damp: float) -> torch.Tensor:
-        """``P = (G_rr + lam I_K)^{-1} C_r Wb^T``: ``[rows, out]``, the new kept columns (and bias) as rows."""
+        """``P = (G_rr + L)^{-1} (C_r Wb^T + L P0)``, ``L = damp * diag(G_KK)``: ``[rows, out]``, the new
+        kept columns (and bias) as rows. The ridge pulls towards the weights as they are (``P0``,
+        ``plain``), not towards 0, so a large damping tends to no refit at all; it is scaled per channel by
+        that channel's own energy, so a massive-activation channel does not set the damping of the rest."""
         g_rr = g.index_select(0, self.rows).index_select(1, self.rows)
         diag = torch.diagonal(g_rr)[: self.k]
-        lam = damp * float(diag.mean()) if self.k else 0.0
-        ridge = torch.cat([torch.full_like(diag, lam), torch.zeros(len(self.rows) - self.k, dtype=g.dtype)])
-        return _spd_solve(g_rr + torch.diag(ridge), self.rhs(c))
+        floor = 1e-6 * float(diag.mean()) if self.k else 0.0  # a channel that is always 0 still gets a ridge
+        ridge = torch.cat([damp * (diag + floor), torch.zeros(len(self.rows) - self.k, dtype=g.dtype)])
+        return _spd_solve(g_rr + torch.diag(ridge), self.rhs(c) + ridge[:, None] * self.plain())
 
     def rhs(self, c: torch.Tensor) -> torch.Tensor:
         return c.index_select(0, self.rows) @ self.wb.T
