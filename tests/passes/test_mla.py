@@ -152,3 +152,20 @@ def test_cat_of_spaces_with_a_foreign_off_axis_fails_closed():
     assert any("cat joins different channel spaces on one axis" in r for r in reasons), report.summary()
     pruned = {m.param for g in report.groups for m in g.members}
     assert not pruned & {"b.weight", "c.weight"}
+
+
+def test_compensation_skips_a_sink_whose_output_rows_are_pruned():
+    """FLAP compensation of the latent (W_kv_a rows -> W_kv_b columns) would add a bias to W_kv_b, whose rows
+    (k_nope, v) lose channels too: it is left out, the rest compensated, and the result stays exact (it used
+    to fail verification with a bias of the dense width)."""
+    model = LatentAttention(True, "half").eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, S, 16, generator=gen)
+    calibration = [(torch.randn(2, S, 16, generator=gen),) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = ecospa_fx.compress(model, (x,), 0.5, calibration=calibration, compensate=True, round_to=1)
+    assert out.ecospa_report.max_abs_diff < 1e-5
+    kv_b = [n for n in out.graph.nodes if len(n.args) > 1 and getattr(n.args[1], "target", "") == "kv_b.weight"]
+    assert kv_b and all(len(n.args) < 3 or n.args[2] is None for n in kv_b)  # no bias added
+    assert any(name.startswith("_ecospa_bias") for name, _ in out.named_parameters())  # o was compensated
