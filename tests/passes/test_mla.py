@@ -169,3 +169,12 @@ def test_compensation_skips_a_sink_whose_output_rows_are_pruned():
     kv_b = [n for n in out.graph.nodes if len(n.args) > 1 and getattr(n.args[1], "target", "") == "kv_b.weight"]
     assert kv_b and all(len(n.args) < 3 or n.args[2] is None for n in kv_b)  # no bias added
     assert any(name.startswith("_ecospa_bias") for name, _ in out.named_parameters())  # o was compensated
+
+
+def test_shared_rotary_key_says_why_it_stays_at_head_granularity():
+    """At head granularity the k_rot rows of W_kv_a belong to no head: reported with that reason (not as an
+    unselected kind)."""
+    x = torch.randn(2, S, 16)
+    report = ecospa_fx.discover(LatentAttention(True, "half").eval(), (x,), granularity="head")
+    reasons = [r for s in report.skipped if "kv_a.weight" in s.params for r in s.reasons]
+    assert any("shared by every head" in r for r in reasons), report.summary()
