@@ -773,7 +773,9 @@ def _join_spaces(ctx: Ctx, node: fx.Node, tensors: list, parts: list[Labels], d:
     return tuple(out)
 
 
-def _broadcast_sites(ctx: Ctx, node: fx.Node, k: int, piece: Labels, shape: list[int], out: list, axes: list[int]):
+def _broadcast_sites(
+    ctx: Ctx, node: fx.Node, k: int, piece: Labels, shape: list[int], out: list, axes: list[int]
+) -> Labels:
     """A piece broadcast along a joint axis (MLA's k_rot, expanded over the heads) is the same at every
     position there, so nothing ties it to J along it; but when J loses positions on that axis (whole heads
     go) the piece must lose them too: it becomes a gather site on that axis (``cat`` argument ``(0, k)``),

@@ -128,7 +128,13 @@ def _plan_blocks(group, scores, facts, settings) -> np.ndarray:
     return np.ones(len(group.units), dtype=bool)  # no count fits every head: keep all (the report says so)
 
 
-def _fill_shared_first(group, facts, widths, scores, targets: dict[int, int]) -> np.ndarray | None:
+def _fill_shared_first(
+    group: CoupledUnits,
+    facts: CouplingFacts,
+    widths: list[dict[int, int]],
+    scores: np.ndarray,
+    targets: dict[int, int],
+) -> np.ndarray | None:
     """The fill for blocks of uneven widths, where best-first can take too many shared units: MLA's
     rotary pairs sit in every W_q_b head but in no W_kv_b head, so ``q_b = 2 r + n`` and ``kv_b = n`` per
     head fix how many pairs ``r`` fit; best-first takes both pairs first and then no ``n`` fits. Keep the
