@@ -340,9 +340,9 @@ def _report_group(group: CoupledUnits, facts: CouplingFacts, keep: np.ndarray) -
     channels = group.channels
     for sid, removed in removed_by_space(group, facts, keep):
         space = facts.spaces[sid]
-        if space.is_virtual:
+        if space.is_site:
             sites.append(f"{space.site[0]}[arg {space.site[1]}, axis {space.site[2]}]")
-        else:
+        elif not space.is_virtual:  # a joint space (passes.labels) is neither a member nor a site
             members.append(Member(space.param, space.dim, space.size, removed))
     starts = np.cumsum([0] + [len(u) for u in group.units[:-1]])
     units_removed = int((~np.logical_or.reduceat(keep[channels], starts)).sum()) if group.units else 0

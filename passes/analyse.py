@@ -36,6 +36,7 @@ class Analysis:
     state_inputs: dict[str, int] = field(default_factory=dict)  # carried-state placeholder -> output position
     state_labels: dict[str, Labels] = field(default_factory=dict)  # what each state input adopted (passes.state)
     state_readers: dict[str, set[str]] = field(default_factory=dict)  # the cats that labelled it
+    complex_pairs: dict[int, int] = field(default_factory=dict)  # space -> imaginary part's channel offset
 
 
 class Ctx:
@@ -220,7 +221,7 @@ class Ctx:
             if not carriers or any(self._is_zero(lab) for _, lab in carriers):
                 continue
             for op, lab in carriers:
-                if self.facts.spaces[lab.space].is_virtual:
+                if self.facts.spaces[lab.space].is_site:
                     continue
                 only = of_space(op.labels, lab.space)
                 scope = "head" if not lab.full else ("channel" if _blocks_survive(op, ch, out_letters) else "all")
@@ -235,7 +236,7 @@ class Ctx:
 
     def _is_zero(self, lab: AxisLabel) -> bool:
         """Removed positions of ``lab`` are exactly 0 in the masked dense model."""
-        return lab.zero_ok and not self.facts.spaces[lab.space].is_virtual
+        return lab.zero_ok and not self.facts.spaces[lab.space].is_site
 
     def _is_constant(self, op: Operand) -> bool:
         """A buffer or literal tensor operand: contracting a channel against it is a (frozen) weight
@@ -248,7 +249,7 @@ class Ctx:
         if letter not in op.letters:
             return False
         lab = op.labels[op.letters.index(letter)]
-        return lab is None or self.facts.spaces[lab.space].is_virtual
+        return lab is None or self.facts.spaces[lab.space].is_site
 
     def _ids(self, op: Operand, axes: list[int]) -> np.ndarray:
         return self.global_ids(op.labels, axes)
@@ -335,7 +336,7 @@ def _survivor(op: Operand, lab: AxisLabel, out_letters: list[str]) -> AxisLabel:
 
 
 def _rank(lab: AxisLabel, facts: CouplingFacts) -> tuple[int, int]:
-    return (int(lab.full), int(not facts.spaces[lab.space].is_virtual))
+    return (int(lab.full), int(not facts.spaces[lab.space].is_site))
 
 
 def concrete(size: Any) -> int:

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from passes.normalise import fills_to_cat
 from passes.op_rules import schema_name
 
 
@@ -109,12 +110,14 @@ def capture(
     model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any = None, guards: bool = True
 ) -> fx.GraphModule:
     """Export ``model`` in eval mode and return the unlifted graph module (parameters as ``get_attr``),
-    marked ``training=False`` (it computes the eval-mode function). Every submodule of ``model`` keeps its
-    own ``training`` flag. ``guards=False`` checks inputs against the placeholders' example values instead
-    of export's generated guard function (for graphs whose inputs the rewrite narrows: a KV cache)."""
+    with full buffer fills rewritten as ``cat`` (``passes.normalise``), marked ``training=False`` (it
+    computes the eval-mode function). Every submodule of ``model`` keeps its own ``training`` flag.
+    ``guards=False`` checks inputs against the placeholders' example values instead of export's
+    generated guard function (for graphs whose inputs the rewrite narrows: a KV cache)."""
     with preserved_modes(model):
         model.eval()
         gm = _export(model, example_inputs, dynamic_shapes, guards)
+    fills_to_cat(gm)  # buffers written through slices -> cat (passes.normalise)
     for module in gm.modules():
         module.training = False
     mismatch = dtype_mismatch(gm)

@@ -72,6 +72,7 @@ class CouplingFacts:
     flags: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in FLAGS})
     blockers: list[Blocker] = field(default_factory=list)
     block_size: dict[int, int] = field(default_factory=dict)  # space id -> channels per head block
+    block_notes: dict[int, dict[str, int]] = field(default_factory=dict)  # space -> {node: block it showed}
     n_channels: int = 0
     contractions: list[Contraction] = field(default_factory=list)  # for scoring and FLOP costs
     divisors: dict[str, int] = field(default_factory=dict)  # mean node -> original count (keep dividing by it)
@@ -97,9 +98,22 @@ class CouplingFacts:
         assert scope in SCOPES
         self.blockers.append(Blocker(unique_ids(np.asarray(channels).ravel()), scope, reason, node))
 
-    def note_block_size(self, space: int, size: int) -> None:
+    def note_block_size(self, space: int, size: int, node: str = "") -> None:
+        """``node`` showed ``space`` split into blocks of ``size`` channels; the head block is the smallest."""
         if size > 1:
+            notes = self.block_notes.setdefault(space, {})
+            notes[node] = min(size, notes.get(node, size))
             self.block_size[space] = min(size, self.block_size.get(space, size))
+
+    def retract_block_note(self, space: int, node: str) -> None:
+        """Forget what ``node`` showed (a split into complex pairs is not a split into heads)."""
+        notes = self.block_notes.get(space, {})
+        if notes.pop(node, None) is None:
+            return
+        if notes:
+            self.block_size[space] = min(notes.values())
+        else:
+            self.block_size.pop(space, None)
 
     def flag_mask(self, name: str) -> np.ndarray:
         mask = np.zeros(self.n_channels, dtype=bool)

@@ -114,13 +114,30 @@ def build_groups(facts: CouplingFacts, granularity: str) -> list[CoupledUnits]:
     graph.add_edges_from(((int(k), int(a)), (int(k), int(b))) for k, a, b in links)
     component = {node: i for i, nodes in enumerate(nx.connected_components(graph)) for node in nodes}
     groups = []
+    shared = _broadcast_mask(facts) if granularity == "head" else None
     for unit_list in _units_by_component(component, kind_of_unit, first_space):
         group = _make_group(facts, flags, owner, [units[u] for u in unit_list], kinds[unit_list[0]], granularity)
         if group is not None:
+            if shared is not None and group.kind == "other" and shared[group.channels].any():
+                group.reasons.append(SHARED_BY_HEADS)
             groups.append(group)
     _attach_blocking_reasons(facts, groups, granularity)
     groups.sort(key=lambda g: int(g.units[0][0]))  # units ascend, sorted by first channel
     return groups
+
+
+SHARED_BY_HEADS = (
+    "shared by every head (broadcast over the heads, e.g. the rotary key part of multi-head latent "
+    "attention): removing whole heads leaves it whole"
+)
+
+
+def _broadcast_mask(facts: CouplingFacts) -> np.ndarray:
+    """Channels in a ``broadcast`` tie: met by every head (ignored at head granularity, so alone there)."""
+    mask = np.zeros(facts.n_channels, dtype=bool)
+    for a, b in facts.ties["broadcast"]:
+        mask[a] = mask[b] = True
+    return mask
 
 
 def _units_by_component(component: dict, kind_of_unit: np.ndarray, first_space: np.ndarray) -> list[list[int]]:

@@ -1,8 +1,11 @@
 """Axis labels: which removable weight channels a tensor axis carries.
 
 A *space* is one dimension of one parameter (``param``, ``dim``) whose channels could be removed, or a
-*virtual* space: one axis of a non-parameter operand (rotary cos/sin, a mask, a residual input) that meets
-a labelled axis and would have to be gathered if channels went away.
+*virtual* space, which has no parameter: either a *gather site*, one axis of a non-parameter operand (rotary
+cos/sin, a mask, a residual input) that meets a labelled axis and would have to be gathered if channels went
+away, or a *joint* space, the positions of a ``cat`` whose pieces carry different spaces on the joined axis
+(MLA's key ``cat([k_nope, k_rot])``): each position is tied to the channel its piece carries there, so it is
+exactly as zero as that channel, and nothing is gathered for it.
 
 An ``AxisLabel(space, arr)`` on axis ``a`` of a tensor says: the element at multi-index ``i`` carries
 channel ``sum_a arr_a[i_a]`` of ``space``, summed over every axis of that tensor labelled with that space.
@@ -38,6 +41,11 @@ class Space:
     @property
     def is_virtual(self) -> bool:
         return self.param is None
+
+    @property
+    def is_site(self) -> bool:
+        """A gather site: values not zeroed by the mask (a joint space is as zero as its pieces)."""
+        return self.site is not None
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from passes import state
 from passes.analyse import Ctx
-from passes.labels import AxisLabel, Labels, in_whole_blocks, of_space, spaces_of
+from passes.labels import AxisLabel, Labels, channel_grid, in_whole_blocks, of_space, spaces_of
 from passes.meet import Operand, letter_sizes, tie_operands
 from passes.view_algebra import NotSeparable, reshape_labels, reshape_segments
 
@@ -229,7 +229,7 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
 
 
 def _real_full(ctx: Ctx, lab: AxisLabel | None) -> bool:
-    return lab is not None and lab.full and not ctx.facts.spaces[lab.space].is_virtual
+    return lab is not None and lab.full and not ctx.facts.spaces[lab.space].is_site
 
 
 def _zero_at(ctx: Ctx, op: Operand, full: list[str], bare: bool) -> bool:
@@ -326,7 +326,7 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Labels | None:
     except NotSeparable as err:
         block_input(ctx, node, f"reshape mixes channels: {err}")
         return None
-    _note_blocks(ctx, out, ctx.shape(node))
+    _note_blocks(ctx, node, out, ctx.shape(node))
     return out
 
 
@@ -347,7 +347,7 @@ def _block_dropped_blocks(ctx: Ctx, node: fx.Node, labels: Labels) -> None:
                     ctx.block_labels(only, "head", "head axis merged with channels of another space", node)
 
 
-def _note_blocks(ctx: Ctx, labels: Labels, shape: list[int]) -> None:
+def _note_blocks(ctx: Ctx, node: fx.Node, labels: Labels, shape: list[int]) -> None:
     """A space split over several axes has head blocks: the stride of the outer (head) axes is the block
     size (the innermost axis' extent when nothing else says: a view of a partial rotary slice spans only
     part of a head, so its extent would understate the block)."""
@@ -358,7 +358,7 @@ def _note_blocks(ctx: Ctx, labels: Labels, shape: list[int]) -> None:
         size = int(np.ptp(labels[inner].arr)) + 1
         outer = [labels[a].arr for a in axes if a != inner]
         strides = [np.gcd.reduce(arr[arr > 0]) for arr in outer if (arr > 0).any()]
-        ctx.facts.note_block_size(space, max(size, int(min(strides))) if strides else size)
+        ctx.facts.note_block_size(space, max(size, int(min(strides))) if strides else size, node.name)
 
 
 @rule("aten::transpose", "aten::swapaxes")
@@ -646,6 +646,62 @@ def _is_outer_axis(labels: Labels, d: int) -> bool:
     return in_whole_blocks([lab], others)
 
 
+# ---------------------------------------------------------------------------------- complex views
+@rule("aten::view_as_complex")
+def _view_as_complex(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``[..., n, 2] real -> [..., n] complex`` (complex rotary: ``view_as_complex(x.reshape(..., -1, 2))``).
+    Element i is the pair of channels ``c + arr[0]`` (real) and ``c + arr[1]`` (imaginary), ``c`` what
+    the other axes of the space carry: one complex number is removed whole or not at all, so the two are
+    tied (aligned), and the complex axis carries the real part's channel. The imaginary offset
+    ``arr[1] - arr[0]`` is recorded per space for ``view_as_real``. Blocked when the pair axis is the only
+    axis of its space, is partial, or its space already pairs channels at another offset."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    pair = labels[-1]
+    if pair is None:
+        return labels[:-1]
+    axes = spaces_of(labels)[pair.space]
+    delta = int(pair.arr[1] - pair.arr[0])
+    known = ctx.analysis.complex_pairs.setdefault(pair.space, delta)
+    if len(axes) < 2 or not all(labels[a].full for a in axes) or known != delta:
+        block_input(ctx, node, "view_as_complex of a pair axis that is not the low part of a channel axis")
+        return None
+    shape = ctx.shape(node.args[0])
+    grid = channel_grid(labels, pair.space, axes, axes, [shape[a] for a in axes])[..., 0]
+    offset = ctx.facts.spaces[pair.space].offset
+    ctx.facts.tie("aligned", grid[..., 0] + offset, grid[..., 1] + offset)
+    ctx.facts.retract_block_note(pair.space, _through_copies(node.args[0]).name)  # pairs, not heads
+    low = labels[:-1]
+    return _drop_axes(ctx, node, (*low, pair.with_arr(pair.arr[:1])), {len(low)})
+
+
+def _through_copies(node: fx.Node) -> fx.Node:
+    """The first producer of ``node`` that is not a copy or cast (the reshape that made the pair axis)."""
+    while node.op == "call_function" and schema_name(node.target) in COPIES and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+@rule("aten::view_as_real")
+def _view_as_real(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``[..., n] complex -> [..., n, 2] real``: the new axis holds the real and imaginary parts, channels
+    ``c`` and ``c + delta`` of the complex element's space, with ``delta`` what ``view_as_complex``
+    recorded for that space (the two were tied there). A complex tensor that did not come from paired
+    channels (a complex weight) is blocked."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    spaces = {lab.space for lab in labels if lab is not None}
+    if len(spaces) != 1 or next(iter(spaces)) not in ctx.analysis.complex_pairs:
+        block_input(ctx, node, "view_as_real of a complex tensor whose channels were not paired by view_as_complex")
+        return None
+    space = spaces.pop()
+    template = next(lab for lab in labels if lab is not None)
+    pair = replace(template, arr=np.array([0, ctx.analysis.complex_pairs[space]], dtype=np.int64))
+    return (*labels, pair)
+
+
 # ---------------------------------------------------------------------------------- joining
 @rule("aten::cat", "aten::concat", "aten::concatenate")
 def _cat(ctx: Ctx, node: fx.Node) -> Labels | None:
@@ -663,13 +719,74 @@ def _cat(ctx: Ctx, node: fx.Node) -> Labels | None:
     out = list(parts[0])
     if along[0] is not None:
         if len({(lab.space, lab.full) for lab in along}) != 1:
-            block_input(ctx, node, "cat joins different channel spaces on one axis")
-            return None
+            joint = _join_spaces(ctx, node, tensors, parts, d)
+            if joint is None:
+                block_input(ctx, node, "cat joins different channel spaces on one axis (not as whole pieces)")
+            return joint
         out[d] = along[0].with_arr(np.concatenate([lab.arr for lab in along]))
     if not _same_off_axis(parts, d) and not _tie_per_head_pieces(ctx, tensors, parts, d, out):
         block_input(ctx, node, "cat of tensors whose other axes carry different channels")
         return None
     return _all_zero(out, parts)
+
+
+def _join_spaces(ctx: Ctx, node: fx.Node, tensors: list, parts: list[Labels], d: int) -> Labels | None:
+    """``cat(pieces, d)`` whose pieces carry *different* spaces on ``d`` (MLA's key ``cat([k_nope, k_rot],
+    -1)``: k_nope from W_kv_b per head, k_rot from W_kv_a shared by every head). One axis label holds one
+    space, so the output gets a fresh *joint* space J over the joined axis and every axis a piece labels
+    (row-major, like a linear output viewed to that shape): position p of the output carries J channel p.
+    Each piece is tied to its stretch of J where it lands: aligned where the piece varies along the same
+    axes (J(h, e) with W_kv_b's (h, e)), broadcast where it does not (J(h, n + j) with W_kv_a's j for every
+    head h). A later meeting with J (q . k over head_dim) therefore ties q's channels through J to the
+    piece channels, and J is 0 at a removed position exactly when its piece is. None (the caller blocks)
+    unless every non-empty piece carries a full label on ``d`` and nothing but that space elsewhere."""
+    shapes = [ctx.shape(t) for t in tensors]
+    live = [k for k, s in enumerate(shapes) if s[d] > 0]
+    axes = {d}
+    for k in live:
+        own = parts[k][d]
+        if own is None or not own.full:
+            return None
+        for a, lab in enumerate(parts[k]):
+            if lab is not None and (lab.space != own.space or not lab.full):
+                return None
+            if lab is not None:
+                axes.add(a)
+    out_shape = ctx.shape(node)
+    axes_list = sorted(axes)
+    space = ctx.facts.new_space(int(np.prod([out_shape[a] for a in axes_list])))
+    strides = np.cumprod([1] + [out_shape[a] for a in reversed(axes_list)])[::-1][1:]
+    zero = all(lab.zero_ok for k in live for lab in parts[k] if lab is not None)
+    out: list[AxisLabel | None] = [None] * len(out_shape)
+    for a, stride in zip(axes_list, strides, strict=True):
+        out[a] = AxisLabel(space.id, stride * np.arange(out_shape[a], dtype=np.int64), zero_ok=zero)
+    start = 0
+    for k in live:
+        stretch = list(out)
+        stretch[d] = out[d].with_arr(out[d].arr[start : start + shapes[k][d]])
+        start += shapes[k][d]
+        letters = [f"c{a}" for a in range(len(out_shape))]
+        piece = _broadcast_sites(ctx, node, k, parts[k], shapes[k], out, axes_list)
+        ops = [Operand(tuple(stretch), shapes[k], letters, None), Operand(piece, shapes[k], letters, (0, k))]
+        tie_operands(ctx.facts, ctx.facts.spaces, *ops, letter_sizes(ops))
+    _note_blocks(ctx, node, tuple(out), out_shape)
+    return tuple(out)
+
+
+def _broadcast_sites(
+    ctx: Ctx, node: fx.Node, k: int, piece: Labels, shape: list[int], out: list, axes: list[int]
+) -> Labels:
+    """A piece broadcast along a joint axis (MLA's k_rot, expanded over the heads) is the same at every
+    position there, so nothing ties it to J along it; but when J loses positions on that axis (whole heads
+    go) the piece must lose them too: it becomes a gather site on that axis (``cat`` argument ``(0, k)``),
+    tied to J's whole blocks on a head axis (head granularity only), channel by channel otherwise."""
+    labels = list(piece)
+    for a in axes:
+        if labels[a] is None and shape[a] > 1:
+            site = ctx.virtual_label(node, (0, k), a, shape[a])
+            head = in_whole_blocks([out[a]], [out[x] for x in axes if x != a])
+            labels[a] = site.partial(np.zeros(1, dtype=np.int64)) if head else site
+    return tuple(labels)
 
 
 def _tie_per_head_pieces(ctx: Ctx, tensors: list, parts: list[Labels], d: int, out: list) -> bool:
@@ -839,7 +956,7 @@ def _mean(ctx: Ctx, node: fx.Node) -> Labels | None:
     shape = ctx.shape(node.args[0])
     axes = reduced_axes(node, len(labels))
     reduced = [labels[a] for a in axes if labels[a] is not None]
-    if reduced and all(lab.zero_ok and not ctx.facts.spaces[lab.space].is_virtual for lab in reduced):
+    if reduced and all(lab.zero_ok and not ctx.facts.spaces[lab.space].is_site for lab in reduced):
         ctx.facts.divisors[node.name] = int(np.prod([shape[a] for a in axes]))
     else:
         _block_if_reduced(ctx, node, labels, axes, "aten::mean")

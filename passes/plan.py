@@ -106,35 +106,94 @@ def _block_totals(widths: list[dict[int, int]]) -> dict[int, int]:
 
 
 def _plan_blocks(group, scores, facts, settings) -> np.ndarray:
-    """Every head block keeps the same channel count ``t``: one greedy fill over all units at once, since
-    families may share blocks (partial rotary: a rotary pair spans every head, a pass-through channel one
-    head; filling each family to ``t`` on its own kept ``2 t`` per block, i.e. everything)."""
+    """Every head block of a space keeps the same channel count: one greedy fill over all units at once,
+    since families may share blocks (partial rotary: a rotary pair spans every head, a pass-through channel
+    one head; filling each family to ``t`` on its own kept ``2 t`` per block, i.e. everything). The widest
+    blocks keep ``t``; a block of a narrower space keeps ``t`` in proportion (``_targets``)."""
     widths = _unit_widths(group, facts)
-    n_block = max(_block_totals(widths).values())
+    totals = _block_totals(widths)
+    n_block = max(totals.values())
     target = keep_count(n_block, settings.sparsity, settings.round_to)
+    uneven = len(set(totals.values())) > 1
     # step down from the target; if nothing that small fits (a rotary pair is 2 wide), step up
     for t in [*range(target, 0, -1), *range(target + 1, n_block + 1)]:
+        targets = _targets(totals, t, n_block)
         keep = np.zeros(len(group.units), dtype=bool)
-        if _fill(list(range(len(group.units))), widths, scores, t, keep):
+        if _fill(list(range(len(group.units))), widths, scores, targets, keep):
             return keep
+        if uneven:
+            keep = _fill_shared_first(group, facts, widths, scores, targets)
+            if keep is not None:
+                return keep
     return np.ones(len(group.units), dtype=bool)  # no count fits every head: keep all (the report says so)
 
 
-def _fill(members: list[int], widths, scores, target: int, keep: np.ndarray) -> bool:
-    """Greedy exact fill: best units first, skipping any that would overflow a block past ``target``;
-    units outside every head block are kept. True when every block holds exactly ``target``."""
+def _fill_shared_first(
+    group: CoupledUnits,
+    facts: CouplingFacts,
+    widths: list[dict[int, int]],
+    scores: np.ndarray,
+    targets: dict[int, int],
+) -> np.ndarray | None:
+    """The fill for blocks of uneven widths, where best-first can take too many shared units: MLA's
+    rotary pairs sit in every W_q_b head but in no W_kv_b head, so ``q_b = 2 r + n`` and ``kv_b = n`` per
+    head fix how many pairs ``r`` fit; best-first takes both pairs first and then no ``n`` fits. Keep the
+    best ``k`` *shared* units (those in several blocks of one space), then fill with the others, for ``k``
+    from all of them down: the first exact fill wins (None when none is)."""
+    space_of = _block_spaces(group, facts)
+    shared = [i for i, w in enumerate(widths) if len({space_of[b] for b in w}) < len(w)]
+    shared.sort(key=lambda i: -scores[i])
+    chosen = set(shared)
+    rest = [i for i in range(len(group.units)) if i not in chosen]
+    for k in range(len(shared), -1, -1):
+        keep = np.zeros(len(group.units), dtype=bool)
+        filled = dict.fromkeys(targets, 0)
+        for i in shared[:k]:
+            keep[i] = True
+            for b, c in widths[i].items():
+                filled[b] += c
+        if any(filled[b] > targets[b] for b in filled):
+            continue
+        if _fill(rest, widths, scores, targets, keep, filled):
+            return keep
+    return None
+
+
+def _block_spaces(group: CoupledUnits, facts: CouplingFacts) -> dict[int, int]:
+    """Block code (``_unit_widths``) -> the space it belongs to."""
+    out = {}
+    for sid, size in group.blocks.items():
+        s = facts.spaces[sid]
+        for b in range(-(-s.size // size)):
+            out[s.offset + b] = sid
+    return out
+
+
+def _targets(totals: dict[int, int], t: int, n_block: int) -> dict[int, int]:
+    """Channels each block keeps when the widest keep ``t``: ``round(t * width / n_block)``, at least 1.
+    Blocks of one space have one width, so they keep one count (the compaction needs no more). Widths
+    differ across spaces when a space holds only part of what meets in a head: MLA's W_kv_b head holds
+    the key's non-rotary channels while W_q_b's and the key's heads hold those and the shared rotary
+    ones."""
+    return {b: t if w == n_block else max(1, round(t * w / n_block)) for b, w in totals.items()}
+
+
+def _fill(members: list[int], widths, scores, targets: dict[int, int], keep: np.ndarray, filled=None) -> bool:
+    """Greedy exact fill: best units first, skipping any that would overflow a block past its target;
+    units outside every head block are kept. True when every block holds exactly its target. ``filled``:
+    what units kept beforehand already hold per block."""
     free = [i for i in members if not widths[i]]
     keep[free] = True
-    filled = dict.fromkeys(set().union(*(widths[i] for i in members)), 0)
+    filled = dict.fromkeys(targets, 0) if filled is None else filled
     for i in sorted((i for i in members if widths[i]), key=lambda i: -scores[i]):
         w = widths[i]
-        if all(filled[b] + c <= target for b, c in w.items()):
+        if all(filled[b] + c <= targets[b] for b, c in w.items()):
             keep[i] = True
             for b, c in w.items():
                 filled[b] += c
-        if all(v == target for v in filled.values()):
+        if all(v == targets[b] for b, v in filled.items()):
             return True
-    return all(v == target for v in filled.values())
+    return all(v == targets[b] for b, v in filled.items())
 
 
 # ---------------------------------------------------------------------------------- costs

@@ -162,7 +162,7 @@ def _parameter_aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
 def _gather_sites(gm: fx.GraphModule, facts, keep: np.ndarray) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for space in facts.spaces:
-        if not space.is_virtual or keep[space.offset : space.offset + space.size].all():
+        if not space.is_site or keep[space.offset : space.offset + space.size].all():
             continue
         node_name, path, axis = space.site
         node = nodes[node_name]
@@ -389,7 +389,22 @@ def _patch_norm_of_nothing(analysis, node, keep) -> None:
         node.replace_all_uses_with(node.args[0])
 
 
+def _patch_view_as_complex(analysis, node, keep) -> None:
+    """``view_as_complex`` needs every stride but the last even. A pruned head whose kept width is odd (7
+    non-rotary channels and one rotary pair of a 12-wide head) leaves the reshaped rotary slice with odd
+    strides: copy it to contiguous memory first (the values are the same)."""
+    x = node.args[0]
+    sizes = _sizes_after(analysis, x, keep)
+    if sizes is None or sizes == _shape(x):
+        return
+    with node.graph.inserting_before(node):
+        dense = node.graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+    dense.meta = dict(x.meta)
+    node.update_arg(0, dense)
+
+
 PATCHES = {
+    "aten::view_as_complex": _patch_view_as_complex,
     "aten::layer_norm": _patch_norm_of_nothing,
     "aten::rms_norm": _patch_norm_of_nothing,
     "aten::mean": _patch_mean,

@@ -39,6 +39,8 @@ def model_name(case) -> str:
 
 
 def attention(meta: dict) -> str:
+    if meta.get("attention"):  # a layout the head counts do not name (multi-head latent attention)
+        return meta["attention"]
     heads, kv = meta.get("heads", 0), meta.get("kv_heads", 0)
     if not heads:
         return "none"

@@ -13,11 +13,14 @@ function of the dense model and the plan only, so the mask oracle checks it exac
 must equal the masked dense model with the same deltas added (``with_output_biases``).
 
 Only ``aten.linear`` sinks are compensated (the activation's last axis meets the weight's input columns);
-other contractions (``matmul`` / ``einsum`` with weights) are left as they are and counted as skipped.
+other contractions (``matmul`` / ``einsum`` with weights) are left as they are and counted as skipped. So is
+a sink whose own output rows lose channels (MLA's latent up-projection W_q_b / W_kv_b, whose rows are q, k
+and v channels): a bias there would make removed output channels nonzero, which the coupling relied on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +41,20 @@ class SinkMeans:
     ids: dict[str, np.ndarray]  # node name -> [in_features] global ids (activation side)
     means: dict[str, np.ndarray]  # node name -> [in_features] mean over calibration tokens
     skipped: list[str]  # weight sinks that are not aten.linear (not compensated)
+    rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # node -> weight output-row ids
 
 
 def linear_sinks(inputs: ScoreInputs, wanted: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
     """Node name -> input-column channel ids, for every weight sink touching a ``wanted`` channel."""
+    out, skipped, _ = _linear_sinks(inputs, wanted)
+    return out, skipped
+
+
+def _linear_sinks(inputs: ScoreInputs, wanted: np.ndarray):
+    """``linear_sinks`` plus, per sink, the global ids of its weight's output rows (empty if unlabelled)."""
     facts = inputs.facts
     nodes = {n.name: n for n in inputs.gm.graph.nodes}
-    out, skipped = {}, []
+    out, skipped, rows = {}, [], {}
     for c in facts.contractions:
         found = sinks(c)
         if not found or not any(op.is_weight for op in c.operands):
@@ -57,9 +67,18 @@ def linear_sinks(inputs: ScoreInputs, wanted: np.ndarray) -> tuple[dict[str, np.
         x = c.operands[i]
         if node.target is aten.linear.default and x.path == (0,) and len(kept) == 1 and kept[0] == x.letters[-1]:
             out[c.node] = ids.reshape(-1)
+            rows[c.node] = _row_ids(facts, next(op for op in c.operands if op.is_weight))
         else:
             skipped.append(c.node)
-    return out, skipped
+    return out, skipped, rows
+
+
+def _row_ids(facts, weight) -> np.ndarray:
+    """Global ids of a linear weight's output rows (its first axis), empty when that axis has no label."""
+    lab = weight.labels[0] if weight.labels else None
+    if lab is None or not lab.full:
+        return np.zeros(0, dtype=np.int64)
+    return lab.arr + facts.spaces[lab.space].offset
 
 
 class _MeanCollector(StopAfterLast):
@@ -85,13 +104,13 @@ class _MeanCollector(StopAfterLast):
 
 def sink_means(inputs: ScoreInputs, wanted: np.ndarray) -> SinkMeans:
     """E[x] per input column of every compensable linear sink, over all calibration tokens."""
-    ids, skipped = linear_sinks(inputs, wanted)
+    ids, skipped, rows = _linear_sinks(inputs, wanted)
     collector = _MeanCollector(inputs.gm, set(ids))
     with torch.no_grad():
         for batch in inputs.calibration or []:
             collector.run_until(*batch)
     means = {k: (collector.sums[k] / collector.counts[k]).cpu().numpy() for k in ids if k in collector.sums}
-    return SinkMeans({k: v for k, v in ids.items() if k in means}, means, skipped)
+    return SinkMeans({k: v for k, v in ids.items() if k in means}, means, skipped, rows)
 
 
 def bias_deltas(gm: fx.GraphModule, stats: SinkMeans, keep: np.ndarray) -> dict[str, torch.Tensor]:
@@ -100,7 +119,8 @@ def bias_deltas(gm: fx.GraphModule, stats: SinkMeans, keep: np.ndarray) -> dict[
     out = {}
     for name, ids in stats.ids.items():
         removed = np.flatnonzero(~keep[ids])
-        if not len(removed):
+        rows = stats.rows.get(name, np.zeros(0, dtype=np.int64))
+        if not len(removed) or not keep[rows].all():  # output rows pruned too: no bias (module docstring)
             continue
         weight = _param(gm, nodes[name].args[1])
         mu = torch.as_tensor(stats.means[name][removed], dtype=torch.float64)

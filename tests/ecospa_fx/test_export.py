@@ -202,16 +202,20 @@ MODERN = [
     "hf_olmo_clip_qkv",
     "hf_nemotron_relu2",
     "hf_gpt_oss_sinks",
+    "hf_deepseek_v3",  # MLA; hf_deepseek_v2's complex rotary has no ONNX translation (dense model included)
+    "hf_minicpm3",
 ]
 
 
 @pytest.mark.parametrize(
     ("name", "granularity"),
-    [(n, "channel") for n in MODERN] + [("hf_cohere_qk_norm", "head"), ("hf_olmo2", "head")],
+    [(n, "channel") for n in MODERN]
+    + [("hf_cohere_qk_norm", "head"), ("hf_olmo2", "head"), ("hf_deepseek_v3", "head")],
 )
 def test_modern_families_export_with_parity(name, granularity, tmp_path):
     """Issue 12: qk-norm (RMS, per projection, centring with a per-head weight), partial rotary, clipped
-    qkv and squared-ReLU models compress and export; onnxruntime matches the compressed module."""
+    qkv, squared-ReLU and multi-head latent attention models compress and export; onnxruntime matches the
+    compressed module."""
     case = case_by_name(name)
     model, inputs = case.build(), case.inputs()
     compressed = ecospa_fx.compress(model, inputs, 0.5, granularity=granularity)

@@ -1,5 +1,6 @@
 """Tiny Hugging Face models of the current LLM families (issue 12): qk-norm in its RMS, per-projection and
-centring forms, partial rotary at half of head_dim, clipped q/k/v, and a squared-ReLU FFN.
+centring forms, partial rotary at half of head_dim, clipped q/k/v, a squared-ReLU FFN, and multi-head latent
+attention (DeepSeek-V2/V3, MiniCPM3).
 
 Same conventions as ``tests/zoo/hf.py`` (2 layers, 4 query heads, GQA 4q/2kv, head_dim 8, int64 ids
 (2, 8), seeded random weights, no hub). What makes each exact is written in its notes.
@@ -193,4 +194,100 @@ def _gpt_oss() -> ZooCase:
     )
 
 
-MODERN_CASES: list[ZooCase] = [_gemma3(), _olmo2(), _cohere(), _phi(), _olmo_clip(), _nemotron(), _gpt_oss()]
+MLA = {  # multi-head latent attention: low-rank q and kv, per-head nope + shared rotary key part
+    "num_key_value_heads": H,  # MLA expands k and v to every head itself
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 8,
+}
+MLA_NOTE = (
+    "q = W_q_b(norm(W_q_a x)) per head [nope 8 | rotary 4]; W_kv_a x = [latent 16 | k_rot 4]; "
+    "W_kv_b(norm(latent)) per head [k_nope 8 | v 8]; the key is built as new_empty + two slice copy_ "
+    "(rewritten as cat([k_nope, k_rot expanded over heads])). qk groups: q_b's nope rows with kv_b's k_nope "
+    "rows per head, q_b's rotary rows of every head with kv_a's k_rot rows (the shared key ties its channels "
+    "across heads; pairs stay whole); vo: kv_b's v rows with o_proj's columns. The two latent ranks "
+    "(W_q_a / W_kv_a rows through an RMSNorm into W_q_b / W_kv_b columns) are exact too and counted as ffn. "
+)
+
+
+def _mla_meta(rotary: str, **extra) -> dict:
+    m = _meta(kv_heads=H, head_dim=12, hidden=32, ffn=64, rotary=rotary, **extra)
+    m["attention"] = "MLA, 4 heads, qk 8+4 / v 8, latents 16/16"
+    return m
+
+
+def _deepseek_v3() -> ZooCase:
+    m = _mla_meta("interleaved on the 4 shared key dims (rope_interleave)", experts=4)
+    return _case(
+        "hf_deepseek_v3",
+        tf.DeepseekV3ForCausalLM,
+        tf.DeepseekV3Config,
+        **{**COMMON, **MLA},
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        post=_gpt_oss_post,
+        expect={"qk": L, "vo": L, "ffn": 7},
+        meta=m,
+        notes=_shape_note(m)
+        + "DeepSeek-V3 multi-head latent attention: "
+        + MLA_NOTE
+        + "ffn: 2 q latents, 2 kv latents, the dense MLP of layer 0, the shared expert and the 4 routed experts "
+        "(one index set) of layer 1.",
+    )
+
+
+def _deepseek_v2() -> ZooCase:
+    m = _mla_meta("complex (view_as_complex pairs 2i, 2i+1) on the 4 shared key dims")
+    return _case(
+        "hf_deepseek_v2",
+        tf.DeepseekV2ForCausalLM,
+        tf.DeepseekV2Config,
+        **{**COMMON, **MLA},
+        first_k_dense_replace=L,
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        expect={"qk": L, "vo": L, "ffn": 3 * L},
+        meta=m,
+        notes=_shape_note(m)
+        + "DeepSeek-V2 multi-head latent attention with complex rotary: view_as_complex(x.reshape(..., -1, 2)) "
+        "* freqs_cis then view_as_real: a complex element is the channel pair (2i, 2i+1), tied, and freqs_cis "
+        "is gathered per kept pair. "
+        + MLA_NOTE
+        + "No ONNX export (the exporter has no complex ops, dense model included).",
+    )
+
+
+def _minicpm3() -> ZooCase:
+    m = _mla_meta("rotate_half on the 4 shared key dims")
+    return _case(
+        "hf_minicpm3",
+        tf.MiniCPM3ForCausalLM,
+        tf.MiniCPM3Config,
+        **{**COMMON, **MLA},
+        expect={"qk": L, "vo": L, "ffn": 3 * L},
+        meta=m,
+        notes=_shape_note(m)
+        + "MiniCPM3 multi-head latent attention with rotate_half rotary, scaled embeddings and residuals. "
+        + MLA_NOTE,
+    )
+
+
+MODERN_CASES: list[ZooCase] = [
+    _gemma3(),
+    _olmo2(),
+    _cohere(),
+    _phi(),
+    _olmo_clip(),
+    _nemotron(),
+    _gpt_oss(),
+    _deepseek_v3(),
+    _deepseek_v2(),
+    _minicpm3(),
+]

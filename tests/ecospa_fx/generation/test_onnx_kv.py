@@ -49,10 +49,15 @@ def test_export_of_a_model_without_cache_is_refused(tmp_path):
         export_kv_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
 
 
+NO_ONNX = {"hf_deepseek_v2": "complex rotary: torch.onnx has no complex ops (the dense model fails alike)"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["channel", "head"])
 @pytest.mark.parametrize("name", CAUSAL_LMS)
 def test_every_causal_lm_exports_for_generation(name, granularity, tmp_path):
+    if name in NO_ONNX:
+        pytest.skip(NO_ONNX[name])
     _check_export(name, granularity, tmp_path / "kv.onnx")
 
 
