@@ -228,8 +228,9 @@ def _rewritten(gm, analysis, groups, keep, score_inputs: ScoreInputs, config: Co
 
 
 def _refit(score_inputs: ScoreInputs, groups: list[CoupledUnits], keep, config: CompressConfig, progress) -> Refit:
-    """The reconstruction ``config.refit`` asks for ("auto": "dense" when calibration is given)."""
-    target = config.refit if config.refit != "auto" else "dense"
+    """The reconstruction ``config.refit`` asks for ("auto": "self" when calibration is given, the best
+    measured target, benchmarks/README "Reconstruction")."""
+    target = config.refit if config.refit != "auto" else "self"
     if target == "none" or not config.sparsity or not score_inputs.calibration or keep.all():
         return Refit()
     settings = RefitSettings(target, config.refit_damp, config.refit_bias or config.compensate)

@@ -46,10 +46,11 @@ class CompressConfig:
     refit: reconstruct what is kept so that each pruned group's output is preserved on the calibration data
         (``passes.importance.refit``): the kept input columns of every W_o / W_down sink that lost columns
         are refit by damped least squares, sink by sink in graph order, each seeing the model already
-        refit before it. "auto" (default): "dense" when ``calibration`` is given and something is removed,
-        else "none"; "dense": the target is the dense model's output at the sink (corrects the error
-        earlier layers left too); "self": the sink's own output on the partially compressed model (the
-        OBS update of SparseGPT / SlimGPT); "none": no refit. Existing biases are refit too.
+        refit before it. "auto" (default): "self" when ``calibration`` is given and something is removed,
+        else "none"; "self": the target is the sink's own output on the partially compressed model (the OBS
+        update of SparseGPT / SlimGPT); "dense": the dense model's output at the sink (also corrects what
+        earlier layers changed, but fits the calibration text more: measured worse on other text);
+        "none": no refit. Existing biases are refit too.
     refit_damp: the refit's ridge towards the weights as they are, per kept channel a fraction of its energy;
         None (default): chosen per weight on held-out calibration tokens (one in five), and a weight is not
         refit where no damping beats the plain removal on them.

@@ -64,7 +64,7 @@ class RefitSettings:
     where none beats the plain removal there);
     intercept: also fit the output bias (a new bias where the linear had none and its outputs are whole)."""
 
-    target: str = "dense"
+    target: str = "self"
     damp: float | None = None  # None: chosen per sink on held-out tokens
     intercept: bool = True
 
