@@ -63,3 +63,12 @@ def local(facts, unit: np.ndarray, param: str, dim: int = 0) -> list[int]:
 def block():
     torch.manual_seed(0)
     return Block().eval()
+
+
+def keep_without(inputs, group, param: str, drop: list[int]) -> np.ndarray:
+    """A keep mask that removes every unit of ``group`` holding one of ``drop`` (indices of ``param``)."""
+    keep = np.ones(inputs.facts.n_channels, dtype=bool)
+    for unit in group.units:
+        if set(local(inputs.facts, unit, param)) & set(drop):
+            keep[unit] = False
+    return keep

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
 from passes.dataflow import analyse
@@ -13,15 +12,7 @@ from passes.importance.base import wanted_mask
 from passes.importance.compensate import add_output_biases, bias_deltas, sink_means
 from passes.rewrite import apply_plan
 
-from .conftest import FF, local, prepare
-
-
-def _remove_ffn_units(inputs, group, param: str, drop: list[int]) -> np.ndarray:
-    keep = np.ones(inputs.facts.n_channels, dtype=bool)
-    for unit in group.units:
-        if set(local(inputs.facts, unit, param)) & set(drop):
-            keep[unit] = False
-    return keep
+from .conftest import FF, keep_without, prepare
 
 
 def _compressed(inputs, keep, deltas):
@@ -38,7 +29,7 @@ def test_constant_channels_are_folded_back_exactly(block):
             block.up.weight[i] = 0.0
             block.up.bias[i] = 0.5 + i
     inputs, groups, batches = prepare(block)
-    keep = _remove_ffn_units(inputs, groups["ffn"], "up.weight", [3, 7])
+    keep = keep_without(inputs, groups["ffn"], "up.weight", [3, 7])
     stats = sink_means(inputs, wanted_mask(inputs.facts, [groups["ffn"]]))
     deltas = bias_deltas(inputs.gm, stats, keep)
     assert len(deltas) == 1  # only W_down lost input columns
@@ -53,7 +44,7 @@ def test_constant_channels_are_folded_back_exactly(block):
 
 def test_compensation_preserves_the_output_mean_on_calibration(block):
     inputs, groups, batches = prepare(block)
-    keep = _remove_ffn_units(inputs, groups["ffn"], "up.weight", list(range(0, FF, 2)))
+    keep = keep_without(inputs, groups["ffn"], "up.weight", list(range(0, FF, 2)))
     deltas = bias_deltas(inputs.gm, sink_means(inputs, wanted_mask(inputs.facts, [groups["ffn"]])), keep)
     out, plain = _compressed(inputs, keep, deltas), _compressed(inputs, keep, {})
     with torch.no_grad():
@@ -68,7 +59,7 @@ def _mean_gap(model, dense, batches) -> float:
 def test_a_linear_without_bias_gets_one(block):
     block.down = torch.nn.Linear(FF, block.down.out_features, bias=False)
     inputs, groups, _ = prepare(block)
-    keep = _remove_ffn_units(inputs, groups["ffn"], "up.weight", [1])
+    keep = keep_without(inputs, groups["ffn"], "up.weight", [1])
     deltas = bias_deltas(inputs.gm, sink_means(inputs, wanted_mask(inputs.facts, [groups["ffn"]])), keep)
     out = _compressed(inputs, keep, deltas)
     (name,) = deltas

@@ -17,15 +17,7 @@ from passes.importance.refit import RefitSettings, reconstruct, refit_sites
 from passes.rewrite import apply_plan
 from passes.verify import oracle_diff
 
-from .conftest import FF, local, prepare
-
-
-def _keep_without(inputs, group, param: str, drop: list[int]) -> np.ndarray:
-    keep = np.ones(inputs.facts.n_channels, dtype=bool)
-    for unit in group.units:
-        if set(local(inputs.facts, unit, param)) & set(drop):
-            keep[unit] = False
-    return keep
+from .conftest import FF, keep_without, prepare
 
 
 def _compressed(inputs, keep, refit=None):
@@ -48,7 +40,7 @@ def test_a_removed_copy_of_a_kept_channel_is_folded_back_exactly(block):
         block.up.weight[5] = block.up.weight[2]
         block.up.bias[5] = block.up.bias[2]
     inputs, groups, _ = prepare(block, n_batches=8)
-    keep = _keep_without(inputs, groups["ffn"], "up.weight", [5])
+    keep = keep_without(inputs, groups["ffn"], "up.weight", [5])
     for target in ("dense", "self"):
         refit = reconstruct(inputs, [groups["ffn"]], keep, RefitSettings(target, damp=1e-9, intercept=False))
         assert refit.sites == ["down.weight"]
@@ -64,7 +56,7 @@ def test_own_output_target_is_the_obs_update(block):
     """refit "self" on one sink: new W_K = W_K + W_R G_RK G_KK^{-1} (G = sum x^T x of W_down's input)."""
     inputs, groups, batches = prepare(block, n_batches=6)
     drop = list(range(0, FF, 3))
-    keep = _keep_without(inputs, groups["ffn"], "up.weight", drop)
+    keep = keep_without(inputs, groups["ffn"], "up.weight", drop)
     refit = reconstruct(inputs, [groups["ffn"]], keep, RefitSettings("self", damp=0.0, intercept=False))
     seen = []
     hook = block.down.register_forward_hook(lambda _m, args, _out: seen.append(args[0].reshape(-1, FF)))
@@ -119,5 +111,5 @@ def test_a_weight_read_twice_is_not_refit(block):
             return x + self.inner.down(h) + 0.1 * torch.nn.functional.linear(h, self.inner.down.weight)
 
     inputs, groups, _ = prepare(Shared(block))
-    keep = _keep_without(inputs, groups["ffn"], "inner.up.weight", [0, 1])
+    keep = keep_without(inputs, groups["ffn"], "inner.up.weight", [0, 1])
     assert refit_sites(inputs, [groups["ffn"]], keep, intercept=False) == []
