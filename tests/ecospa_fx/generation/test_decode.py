@@ -4,13 +4,17 @@ padding, channel and head granularity; the logits along the generated sequence a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import ecospa_fx
 from ecospa_fx.errors import InputError
 from ecospa_fx.generation.backends import TorchStepper
 from ecospa_fx.generation.decode import GenerationStats, generate
-from tests.ecospa_fx.generation.conftest import CAUSAL_LMS, compressed, left_padded_prompt
+from passes.verify import masked_copy
+from tests.ecospa_fx.generation.conftest import CAUSAL_LMS, cached_model, compressed, left_padded_prompt
 
 NEW_TOKENS = 8
 
@@ -108,3 +112,29 @@ def test_a_model_without_cache_says_how_to_get_one():
         generate(torch.nn.Linear(2, 2), torch.ones(1, 3, dtype=torch.long), 2)
     with pytest.raises(InputError, match="integer tensor"):
         generate(compressed("hf_llama_gqa", "channel")[1], torch.ones(1, 3), 2)
+
+
+def test_a_refit_kv_model_generates_what_the_dense_model_with_its_weights_does():
+    """With calibration the kept W_o / W_down columns are refit (default): the KV graph then generates what
+    the HF model carrying those columns, removed indices zeroed, generates."""
+    model = cached_model("hf_llama_gqa")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(3)
+    calibration = [(torch.randint(3, vocab, (2, 8), generator=gen),) for _ in range(4)]
+    small = ecospa_fx.compress(model, calibration[0], 0.5, calibration=calibration, refit_damp=0.01)
+    report = small.report
+    assert report.refit and report.max_abs_diff < 1e-4
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in report.refit:  # [hidden, in] weights that lost input columns: put the refit ones back
+            full = reference.get_parameter(name.removeprefix("model."))
+            gone = set(report.removed[(name, 1)])
+            kept = [i for i in range(full.shape[1]) if i not in gone]
+            full[:, kept] = small.get_parameter(name)
+    removed = [(m.param.removeprefix("model."), m.dim, m.removed) for g in report.groups for m in g.members]
+    masked = masked_copy(reference, removed)
+    ids, mask = left_padded_prompt(vocab)
+    ours = generate(small, ids, NEW_TOKENS, attention_mask=mask, pad_token_id=0)
+    theirs = masked.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    _logits_agree(small, masked, theirs, mask)
