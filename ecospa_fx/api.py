@@ -222,6 +222,7 @@ def _rewritten(gm, analysis, groups, keep, score_inputs: ScoreInputs, config: Co
         deltas = bias_deltas(gm, sink_means(score_inputs, wanted_mask(score_inputs.facts, planned)), keep)
     add_output_biases(compressed, deltas)
     report.refit = tuple(refit.sites)
+    report.not_refit = tuple(name for name, damp in refit.damping.items() if damp is None)
     if not refit.sites and not deltas:
         return compressed, gm, deltas
     return compressed, add_output_biases(refit.apply_weights(copy_module(gm)), deltas), deltas

@@ -66,6 +66,7 @@ class Report:
     max_abs_diff: float | None = None
     compensated: tuple[str, ...] = ()  # weights whose output bias absorbed removed channels' means
     refit: tuple[str, ...] = ()  # weights whose kept columns were refit on calibration data
+    not_refit: tuple[str, ...] = ()  # weights the refit left as they were (no refit beat that on held-out data)
 
     def __iter__(self):
         return iter(self.groups)
@@ -121,6 +122,10 @@ class Report:
         if self.refit:
             shown = ", ".join(self.refit[:4]) + (" ..." if len(self.refit) > 4 else "")
             lines.append(f"refit on calibration data: {len(self.refit)} weights ({shown})")
+        if self.not_refit:
+            lines.append(
+                f"not refit: {len(self.not_refit)} weights (no refit beat the plain removal on held-out tokens)"
+            )
         if self.compensated:
             shown = ", ".join(self.compensated[:4]) + (" ..." if len(self.compensated) > 4 else "")
             lines.append(f"bias compensation (output biases added) at {len(self.compensated)} linears: {shown}")
@@ -165,6 +170,7 @@ class Report:
             "max_abs_diff": self.max_abs_diff,
             "compensated": list(self.compensated),
             "refit": list(self.refit),
+            "not_refit": list(self.not_refit),
             "counts": {k: self.count(k) for k in ("qk", "vo", "ffn", "head")},
             "groups": [
                 {

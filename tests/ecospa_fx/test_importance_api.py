@@ -192,6 +192,8 @@ def test_refit_is_the_default_with_calibration_and_passes_the_oracle(llama):
     name = report.refit[0]
     assert not torch.equal(out.get_parameter(name), plain.get_parameter(name))
     assert not out.ecospa_compensated  # Llama has no o/down bias and refit_bias is off
+    auto = ecospa_fx.compress(model, inputs, 0.5, calibration=batches).ecospa_report  # damping chosen per weight
+    assert sorted(auto.refit + auto.not_refit) == sorted(report.refit) and auto.max_abs_diff < 1e-4
 
 
 def test_refit_bias_and_self_target(llama):
