@@ -164,11 +164,19 @@ def test_compensation_skips_a_sink_whose_output_rows_are_pruned():
     calibration = [(torch.randn(2, S, 16, generator=gen),) for _ in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = ecospa_fx.compress(model, (x,), 0.5, calibration=calibration, compensate=True, round_to=1)
-    assert out.ecospa_report.max_abs_diff < 1e-5
-    kv_b = [n for n in out.graph.nodes if len(n.args) > 1 and getattr(n.args[1], "target", "") == "kv_b.weight"]
-    assert kv_b and all(len(n.args) < 3 or n.args[2] is None for n in kv_b)  # no bias added
+        out = ecospa_fx.compress(
+            model, (x,), 0.5, calibration=calibration, compensate=True, round_to=1, refit="none"
+        )  # FLAP's means
+        refit = ecospa_fx.compress(
+            model, (x,), 0.5, calibration=calibration, refit_bias=True, refit_damp=0.01, round_to=1
+        )  # the refit's intercept: same rule
+    for result in (out, refit):
+        assert result.ecospa_report.max_abs_diff < 1e-5
+        graph = result.graph.nodes
+        kv_b = [n for n in graph if len(n.args) > 1 and getattr(n.args[1], "target", "") == "kv_b.weight"]
+        assert kv_b and all(len(n.args) < 3 or n.args[2] is None for n in kv_b)  # no bias added
     assert any(name.startswith("_ecospa_bias") for name, _ in out.named_parameters())  # o was compensated
+    assert "kv_b.weight" in refit.ecospa_report.refit  # refit without a new bias
 
 
 def test_shared_rotary_key_says_why_it_stays_at_head_granularity():
