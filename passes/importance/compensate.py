@@ -67,18 +67,19 @@ def _linear_sinks(inputs: ScoreInputs, wanted: np.ndarray):
         x = c.operands[i]
         if node.target is aten.linear.default and x.path == (0,) and len(kept) == 1 and kept[0] == x.letters[-1]:
             out[c.node] = ids.reshape(-1)
-            rows[c.node] = _row_ids(facts, next(op for op in c.operands if op.is_weight))
+            rows[c.node] = weight_row_ids(facts, str(node.args[1].target))
         else:
             skipped.append(c.node)
     return out, skipped, rows
 
 
-def _row_ids(facts, weight) -> np.ndarray:
-    """Global ids of a linear weight's output rows (its first axis), empty when that axis has no label."""
-    lab = weight.labels[0] if weight.labels else None
-    if lab is None or not lab.full:
-        return np.zeros(0, dtype=np.int64)
-    return lab.arr + facts.spaces[lab.space].offset
+def weight_row_ids(facts, weight: str) -> np.ndarray:
+    """Global ids of the output rows (dim 0) of the ``linear`` weight ``weight``: its dim-0 space, empty when
+    no group can remove them."""
+    for space in facts.spaces:
+        if space.param == weight and space.dim == 0:
+            return np.arange(space.offset, space.offset + space.size)
+    return np.zeros(0, dtype=np.int64)
 
 
 class _MeanCollector(StopAfterLast):

@@ -94,12 +94,18 @@ class _LayerwiseCollector(_Collector):
 
     def run_segment(self, nodes: list[fx.Node], env: dict, batch: tuple) -> dict:
         """Run ``nodes`` for one batch from its boundary values ``env``; free values after their last use."""
-        self.env, self.args_iter = env, iter(batch)
-        for node in nodes:
-            self.env[node] = self.run_node(node)
-            for gone in self.user_to_last_uses.get(node, []):
-                del self.env[gone]
-        return self.env
+        return run_nodes(self, nodes, env, batch)
+
+
+def run_nodes(interpreter: fx.Interpreter, nodes: Sequence[fx.Node], env: dict, batch: tuple) -> dict:
+    """Run ``nodes`` of the interpreter's graph, in order, for one batch: from the values already in
+    ``env`` (placeholders read from ``batch``), each value freed after its last use; returns ``env``."""
+    interpreter.env, interpreter.args_iter = env, iter(batch)
+    for node in nodes:
+        env[node] = interpreter.run_node(node)
+        for gone in interpreter.user_to_last_uses.get(node, []):
+            del env[gone]
+    return env
 
 
 def _until_last_sink(segs: list[list[fx.Node]], sinks: set[str]) -> list[list[fx.Node]]:

@@ -50,7 +50,8 @@ import torch.fx as fx
 from passes.capture import copy_module
 from passes.groups import CoupledUnits, removed_by_space
 from passes.importance.base import ScoreInputs, operand_ids, sinks, wanted_mask
-from passes.importance.compensate import _param, add_output_biases
+from passes.importance.compensate import add_output_biases, weight_row_ids
+from passes.importance.layerwise import run_nodes
 from passes.verify import masked_copy
 
 aten = torch.ops.aten
@@ -133,7 +134,7 @@ def refit_sites(inputs: ScoreInputs, groups: list[CoupledUnits], keep: np.ndarra
         x_arg, weight, in_axis, bias = form[1:]
         if not _sole_use(weight, owners) or (bias is not None and not _sole_use(bias, owners)):
             continue
-        fit_bias = intercept and (bias is not None or (in_axis == 1 and not _output_pruned(facts, weight, keep)))
+        fit_bias = intercept and (bias is not None or _takes_new_bias(nodes[c.node], facts, weight, keep))
         site = _Site(
             c.node,
             x_arg,
@@ -201,18 +202,14 @@ def _sole_use(node, owners: dict[int, int]) -> bool:
     if not isinstance(node, fx.Node) or node.op != "get_attr" or len(node.users) != 1:
         return False
     siblings = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target]
-    return len(siblings) == 1 and owners.get(id(_param(node.graph.owning_module, node)), 0) == 1
+    return len(siblings) == 1 and owners.get(id(_tensor(node.graph.owning_module, str(node.target))), 0) == 1
 
 
-def _output_pruned(facts, weight: fx.Node, keep: np.ndarray) -> bool:
-    """Does some plan remove rows (dim 0) of the ``linear`` weight ``weight``?"""
-    return any(
-        space.param == str(weight.target)
-        and space.dim == 0
-        and not space.is_virtual
-        and not keep[space.offset : space.offset + space.size].all()
-        for space in facts.spaces
-    )
+def _takes_new_bias(node: fx.Node, facts, weight: fx.Node, keep: np.ndarray) -> bool:
+    """A new output bias can go on ``node``: an ``aten.linear`` (``add_output_biases`` puts it into its bias
+    argument; ``mm`` / ``matmul`` have none) whose output rows all stay (a bias on removed rows would make
+    removed channels nonzero)."""
+    return node.target is aten.linear.default and keep[weight_row_ids(facts, str(weight.target))].all()
 
 
 def upfront_removed(inputs: ScoreInputs, groups: list[CoupledUnits], keep: np.ndarray, refit: set[str]):
@@ -247,13 +244,8 @@ class _Stepper(fx.Interpreter):
         return out + self.added_bias[n.name] if n.name in self.added_bias else out
 
     def run_nodes(self, names: Sequence[str], env: dict, batch: tuple) -> dict:
-        self.env, self.args_iter = env, iter(batch)
-        for name in names:
-            node = self.by_name[name]
-            self.env[node] = self.run_node(node)
-            for gone in self.user_to_last_uses.get(node, []):
-                del self.env[gone]
-        return self.env
+        """Run the nodes named ``names`` (of this graph) for one batch from its environment ``env``."""
+        return run_nodes(self, [self.by_name[name] for name in names], env, batch)
 
     def input_of(self, env: dict, site: _Site) -> torch.Tensor:
         """The activation argument of ``site``'s node in ``env``."""

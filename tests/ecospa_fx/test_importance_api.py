@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import ecospa_fx
 from ecospa_fx import CompressConfig, InputError
 from ecospa_fx.config import IMPORTANCES
+from passes.verify import probe_inputs
 from tests.zoo import case_by_name
 
 
@@ -216,3 +217,17 @@ def test_refit_options_are_checked(llama):
         CompressConfig(refit_damp=-1.0)
     with pytest.raises(InputError, match="refit_bias"):
         CompressConfig(refit_bias="yes")
+
+
+def test_refit_bias_goes_only_where_a_linear_can_take_it():
+    """Falcon's linears are ``x @ W.T`` (matmul, no bias argument): their columns are refit, but no bias is
+    added there (it used to be written into matmul's arguments and the result did not run)."""
+    case = case_by_name("hf_falcon")
+    model, inputs = case.build(), case.inputs()
+    calibration = [inputs, *probe_inputs(inputs, 2, seed=5)]
+    out = ecospa_fx.compress(
+        model, inputs, 0.5, calibration=calibration, refit_bias=True, refit_damp=0.01, dynamic_shapes=None
+    )
+    assert out.ecospa_report.refit and out.ecospa_report.max_abs_diff < 1e-4
+    nodes = {n.name: n for n in out.graph.nodes}
+    assert all(nodes[name].target is torch.ops.aten.linear.default for name in out.ecospa_compensated)
