@@ -390,7 +390,7 @@ def reconstruct(
     gm = inputs.gm
     work = masked_copy(gm, upfront_removed(inputs, groups, keep, {s.node for s in sites}))
     runners = [_Stepper(work)] + ([_Stepper(gm)] if settings.target == "dense" else [])
-    batches = list(getattr(inputs.calibration, "batches", inputs.calibration))
+    batches = list(getattr(inputs.calibration, "batches", inputs.calibration))  # unwrapped: no per-batch progress
     envs = [[{} for _ in batches] for _ in runners]
     with torch.no_grad():
         for done, (site, stretch) in enumerate(zip(sites, _stretches(gm, [s.node for s in sites]), strict=True)):
