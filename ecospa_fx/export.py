@@ -55,6 +55,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from ecospa_fx.errors import EcospaError
+from ecospa_fx.onnx_translations import translation_table
 from passes.capture import preserved_modes
 
 DEFAULT_OPSET = 24  # ONNX Attention (one node per SDPA), runs in onnxruntime >= 1.23
@@ -361,7 +362,14 @@ def _translate(program, opset: int | None, notes: list[str]):
     errors: list[Exception] = []
     for version in tries:
         try:
-            return torch.onnx.export(program, dynamo=True, opset_version=version, verbose=False), version
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                opset_version=version,
+                verbose=False,
+                custom_translation_table=translation_table(),
+            )
+            return onnx_program, version
         except Exception as err:
             errors.append(err)
             if version != tries[-1]:

@@ -1075,6 +1075,27 @@ def _addmm(ctx: Ctx, node: fx.Node) -> Labels:
     return _add_bias(ctx, node, out, bias, (0,))
 
 
+@rule("aten::_grouped_mm", "transformers::grouped_mm_fallback")
+def _grouped_mm(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``out[s, o] = sum_i x[s, i] W[e(s), i, o]``, the expert ``e(s)`` of row ``s`` read from the cumulative
+    row counts ``offs``: a matmul whose weight matrix is chosen per row, so ``i`` meets ``x``'s channels and
+    ``o`` carries ``W``'s. The expert axis is a routing selection: whole experts are not removed (blocked)."""
+    x, w = node.args[0], node.args[1]
+    if len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3 or isinstance(arg(node, 3, "bias"), fx.Node):
+        block_input(ctx, node, "grouped matmul other than 2-D rows x 3-D expert bank without bias")
+        return None
+    labels = ctx.labels_or_none(w)
+    if labels is not None and labels[0] is not None:
+        only = tuple(x if k == 0 else None for k, x in enumerate(labels))
+        ctx.block_labels(only, "all", "expert axis selected per row by routing offsets: whole experts stay", node)
+    bank = None if labels is None else (None, *labels[1:])
+    operands = [
+        Operand(ctx.labels_or_none(x), ctx.shape(x), ["s", "i"], (0,), ctx.is_weight(x)),
+        Operand(bank, ctx.shape(w), ["e", "i", "o"], (1,), ctx.is_weight(w)),
+    ]
+    return ctx.combine(node, operands, ["s", "o"])
+
+
 @rule("aten::einsum")
 def _einsum(ctx: Ctx, node: fx.Node) -> Labels:
     equation, tensors = node.args[0], list(node.args[1])

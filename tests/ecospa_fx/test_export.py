@@ -202,6 +202,7 @@ MODERN = [
     "hf_olmo_clip_qkv",
     "hf_nemotron_relu2",
     "hf_gpt_oss_sinks",
+    "hf_qwen2_moe",  # routed experts through transformers::grouped_mm_fallback (ecospa_fx.onnx_translations)
     "hf_deepseek_v3",  # MLA; hf_deepseek_v2's complex rotary has no ONNX translation (dense model included)
     "hf_minicpm3",
 ]

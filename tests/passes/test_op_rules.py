@@ -433,3 +433,42 @@ def test_data_dependent_gather_of_tokens_keeps_channels_and_of_channels_blocks()
     assert tokens.ecospa_report.count("ffn") == 1 and tokens.ecospa_report.max_abs_diff < 1e-6
     assert channels.count("ffn") == 0
     assert any("data-dependent" in r for s in channels.skipped for r in s.reasons), channels.summary()
+
+
+class GroupedExperts(nn.Module):
+    """A routed expert FFN through transformers' grouped matmul: rows sorted by their top-1 expert,
+    ``offs`` the cumulative row counts, ``x + down_e(gelu(up_e(x)))`` per row's expert ``e``."""
+
+    def __init__(self, experts: int = 3, width: int = 8, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = nn.Linear(width, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, width, hidden) / 3)
+        self.down = nn.Parameter(torch.randn(experts, hidden, width) / 4)
+
+    def forward(self, x):
+        import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+        grouped_mm = torch.ops.transformers.grouped_mm_fallback
+        experts = self.up.shape[0]
+        ids = self.router(x).argmax(-1)
+        order = ids.argsort()
+        offs = torch.histc(ids.float(), bins=experts, min=0, max=experts - 1).cumsum(0).to(torch.int32)
+        y = grouped_mm(F.gelu(grouped_mm(x[order], self.up, offs)), self.down, offs)
+        return x + y[order.argsort()]
+
+
+def test_grouped_matmul_experts_lose_the_same_channels_and_keep_whole_experts():
+    """Issue 12: ``out[s] = x[s] @ W[e(s)]`` contracts x's channels with W's axis 1 and carries W's axis 2;
+    the expert axis is chosen per row by routing, so experts stay whole (with a reason). Exact (compress
+    verifies against the masked dense model)."""
+    import ecospa_fx
+
+    x = torch.randn(10, 8)
+    compressed = ecospa_fx.compress(GroupedExperts().eval(), (x,), 0.5, round_to=1)
+    report = compressed.ecospa_report
+    assert report.count("ffn") == 1 and report.max_abs_diff < 1e-6
+    assert compressed.get_parameter("up").shape == (3, 8, 8)
+    assert compressed.get_parameter("down").shape == (3, 8, 8)
+    reasons = [r for s in report.skipped for r in s.reasons]
+    assert any("whole experts stay" in r for r in reasons), report.summary()

@@ -1,6 +1,6 @@
 """Tiny Hugging Face models of the current LLM families (issue 12): qk-norm in its RMS, per-projection and
-centring forms, partial rotary at half of head_dim, clipped q/k/v, a squared-ReLU FFN, and multi-head latent
-attention (DeepSeek-V2/V3, MiniCPM3).
+centring forms, partial rotary at half of head_dim, clipped q/k/v, a squared-ReLU FFN, multi-head latent
+attention (DeepSeek-V2/V3, MiniCPM3) and routed experts through a grouped matmul (Qwen2-MoE).
 
 Same conventions as ``tests/zoo/hf.py`` (2 layers, 4 query heads, GQA 4q/2kv, head_dim 8, int64 ids
 (2, 8), seeded random weights, no hub). What makes each exact is written in its notes.
@@ -279,6 +279,30 @@ def _minicpm3() -> ZooCase:
     )
 
 
+def _qwen2_moe() -> ZooCase:
+    m = _meta(kv_heads=2, head_dim=8, hidden=32, ffn=16, rotary="rotate_half, full head_dim", experts=4)
+    return _case(
+        "hf_qwen2_moe",
+        tf.Qwen2MoeForCausalLM,
+        tf.Qwen2MoeConfig,
+        **COMMON,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        expect={"qk": L, "vo": L, "ffn": 2 * L},
+        meta=m,
+        notes=_shape_note(m)
+        + (
+            "Qwen2-MoE with transformers' default experts (grouped matmul: rows sorted by expert, "
+            "transformers::grouped_mm_fallback over the [E, in, out] bank with cumulative row counts, "
+            "translated to ONNX as unrolled Slice/MatMul). Routed experts lose the same FFN channels in every "
+            "expert (experts stay whole); the shared expert (sigmoid-gated) is an ordinary FFN. ffn: 2/layer."
+        ),
+    )
+
+
 MODERN_CASES: list[ZooCase] = [
     _gemma3(),
     _olmo2(),
@@ -287,6 +311,7 @@ MODERN_CASES: list[ZooCase] = [
     _olmo_clip(),
     _nemotron(),
     _gpt_oss(),
+    _qwen2_moe(),
     _deepseek_v3(),
     _deepseek_v2(),
     _minicpm3(),
