@@ -211,7 +211,7 @@ MODERN = [
 @pytest.mark.parametrize(
     ("name", "granularity"),
     [(n, "channel") for n in MODERN]
-    + [("hf_cohere_qk_norm", "head"), ("hf_olmo2", "head"), ("hf_deepseek_v3", "head")],
+    + [pytest.param(n, "head", marks=pytest.mark.slow) for n in ("hf_cohere_qk_norm", "hf_olmo2", "hf_deepseek_v3")],
 )
 def test_modern_families_export_with_parity(name, granularity, tmp_path):
     """Issue 12: qk-norm (RMS, per projection, centring with a per-head weight), partial rotary, clipped
