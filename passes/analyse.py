@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from passes.coupling_state import Contraction, CouplingFacts, unique_ids
 from passes.labels import AxisLabel, Labels, identity_label, in_whole_blocks, of_space, spaces_of
-from passes.meet import Operand, gqa_expand, letter_sizes, tie_operands
+from passes.meet import DATA_DEPENDENT_SIZE, Operand, gqa_expand, letter_sizes, tie_operands
 
 LabelValue = Labels | list[Any] | None
 CONSTANT_COPIES = ("aten.lift_fresh_copy.default", "aten.clone.default", "aten.detach.default")
@@ -342,12 +343,15 @@ def _rank(lab: AxisLabel, facts: CouplingFacts) -> tuple[int, int]:
 def concrete(size: Any) -> int:
     """An int for a (possibly symbolic) size, using the example value's hint for symbols. The hint is read
     without ``int(size)``, which would add a guard that pins the symbol to the example's size (a graph
-    captured with a dynamic sequence would then refuse every other length)."""
+    captured with a dynamic sequence would then refuse every other length). A data-dependent size without
+    a hint stands as ``DATA_DEPENDENT_SIZE``."""
     if isinstance(size, int):
         return size
     hint = getattr(getattr(size, "node", None), "hint", None)
     if isinstance(size, torch.SymInt) and hint is not None:
         return int(hint)
+    if isinstance(size, torch.SymInt) and free_unbacked_symbols(size):
+        return DATA_DEPENDENT_SIZE
     try:
         return int(size)
     except (TypeError, RuntimeError):

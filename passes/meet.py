@@ -119,6 +119,13 @@ def _carries(op: Operand, letter: str, space: int) -> bool:
     return lab is not None and lab.space == space
 
 
+# Stand-in for a size known only at run time (an unbacked symbol: tokens routed to one expert). Such an axis
+# is never a channel axis (channel sizes come from weight shapes); a prime no channel width shares keeps the
+# view algebra from factoring it together with channels by coincidence. Where it meets a static size > 1,
+# torch's trace asserted they are equal at run time, so it takes that size.
+DATA_DEPENDENT_SIZE = 1009
+
+
 def gqa_expand(op: Operand, sizes: dict[str, int]) -> Operand:
     """Repeat labels of a grouped (GQA) head axis so that head h reads KV head h // (H / H_kv)."""
     labels = list(op.labels)
@@ -126,6 +133,9 @@ def gqa_expand(op: Operand, sizes: dict[str, int]) -> Operand:
     for k, ch in enumerate(op.letters):
         n, m = sizes[ch], shape[k]
         if m in (1, n):
+            continue
+        if m == DATA_DEPENDENT_SIZE and labels[k] is None:
+            shape[k] = n
             continue
         if n % m:
             raise ValueError(f"axis {ch!r}: size {m} does not divide {n}")
@@ -139,5 +149,10 @@ def letter_sizes(operands: list[Operand]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for op in operands:
         for ch, n in zip(op.letters, op.shape, strict=True):
-            sizes[ch] = max(sizes.get(ch, 1), n)
+            known = sizes.get(ch, 1)
+            if DATA_DEPENDENT_SIZE in (n, known) and min(n, known) > 1:
+                # the static size the run-time one equals (see DATA_DEPENDENT_SIZE)
+                sizes[ch] = known if n == DATA_DEPENDENT_SIZE else n
+            else:
+                sizes[ch] = max(known, n)
     return sizes

@@ -537,10 +537,24 @@ def _split(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
     shape = ctx.shape(node.args[0])
     dim = norm_dim(arg(node, 2, "dim", 0), len(shape))
     sizes = node.args[1]
+    if not isinstance(sizes, int) and not all(isinstance(s, int) for s in sizes):
+        return _data_dependent_pieces(ctx, node, dim, len(sizes))
     if isinstance(sizes, int):
         n = shape[dim]
         sizes = [min(sizes, n - s) for s in range(0, n, sizes)]
     return _pieces(ctx, node, dim, _bounds(list(sizes)))
+
+
+def _data_dependent_pieces(ctx: Ctx, node: fx.Node, dim: int, count: int) -> list[Labels] | None:
+    """A split whose sizes are computed at run time (tokens per expert): every piece keeps the labels when
+    the split axis carries no channel; along a channel axis nobody knows which channels each piece holds."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    if labels[dim] is not None:
+        block_input(ctx, node, "split with data-dependent sizes along a channel axis")
+        return None
+    return [labels] * count
 
 
 @rule("aten::chunk")

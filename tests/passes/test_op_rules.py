@@ -472,3 +472,38 @@ def test_grouped_matmul_experts_lose_the_same_channels_and_keep_whole_experts():
     assert compressed.get_parameter("down").shape == (3, 8, 8)
     reasons = [r for s in report.skipped for r in s.reasons]
     assert any("whole experts stay" in r for r in reasons), report.summary()
+
+
+class RuntimeSplit(nn.Module):
+    """``h.split(sizes)`` with sizes computed at run time (tokens per expert, as JetMoE splits its rows):
+    along the token axis (unbacked sizes), or along the channel axis."""
+
+    def __init__(self, on_channels: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.on_channels = on_channels
+
+    def forward(self, x):
+        h = F.gelu(self.up(x))
+        d = -1 if self.on_channels else 0
+        n = (x[:, 0] > 0).sum()
+        sizes = torch.stack([n, h.shape[d] - n]).tolist()
+        for s in sizes:
+            torch._check_is_size(s)
+        a, b = h.split(sizes, d)
+        return x + self.down(torch.cat([a * 2, b], d))
+
+
+def test_data_dependent_split_of_tokens_keeps_channels_and_of_channels_blocks():
+    """Sizes known only at run time once crashed the analysis; the token split is exact, the channel
+    split is left dense with its reason."""
+    import ecospa_fx
+
+    x = torch.randn(6, 8)
+    tokens = ecospa_fx.compress(RuntimeSplit(False).eval(), (x,), 0.5, round_to=1)
+    assert tokens.ecospa_report.count("ffn") == 1 and tokens.ecospa_report.max_abs_diff < 1e-6
+    channels = ecospa_fx.discover(RuntimeSplit(True).eval(), (x,))
+    assert channels.count("ffn") == 0
+    reasons = [r for s in channels.skipped for r in s.reasons]
+    assert any("split with data-dependent sizes along a channel axis" in r for r in reasons), reasons
