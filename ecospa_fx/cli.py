@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from ecospa_fx.cli_ui import Ui
 from ecospa_fx.errors import EcospaError, EcospaWarning, VerificationError
+from ecospa_fx.report import KINDS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_VERIFY, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 EXIT_CODES = f"""exit codes:
@@ -31,7 +32,6 @@ EXIT_CODES = f"""exit codes:
 --json prints one JSON object on stdout (also on failure: {{"ok": false, "error": ..., "exit_code": ...}});
 --quiet prints only the one-line result; errors are one line on stderr, with a traceback only under --debug."""
 IMPORTANCES = ("auto", "magnitude", "activation", "fisher", "uncoupled", "random")
-KINDS = ("qk", "vo", "ffn", "head")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -14,6 +14,7 @@ from rich.table import Table
 from ecospa_fx.cli_ui import Ui
 from ecospa_fx.errors import EcospaWarning, InputError
 from ecospa_fx.loading import load_source, load_tokenizer, offline
+from ecospa_fx.report import KINDS
 
 HF_HINT = " (--granularity head or --kinds ffn often give one: see README, Command line)"
 
@@ -121,7 +122,7 @@ def run_inspect(args: argparse.Namespace, ui: Ui) -> int:
     with ui.stage("discovering coupled groups"):
         report = ecospa_fx.discover(model, inputs, granularity=args.granularity)
     ui.show(report.summary())
-    counts = ", ".join(f"{k} {report.count(k)}" for k in ("qk", "vo", "ffn", "head") if report.count(k))
+    counts = ", ".join(f"{k} {report.count(k)}" for k in KINDS if report.count(k))
     ui.result(
         f"{len(report.groups)} coupled groups ({counts or 'none'}), {len(report.skipped)} left dense, "
         f"{report.params_before:,} parameters",
@@ -223,7 +224,7 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
             "params_before": report.params_before,
             "params_after": report.params_after,
             "max_abs_diff": report.max_abs_diff,
-            "groups": {k: report.count(k) for k in ("qk", "vo", "ffn", "head")},
+            "groups": {k: report.count(k) for k in KINDS},
             "skipped": len(report.skipped),
             "calibration_tokens": tokens,
         },

@@ -7,10 +7,10 @@ import numbers
 from dataclasses import dataclass, field
 
 from ecospa_fx.errors import InputError
+from ecospa_fx.report import KINDS
 from passes.importance import CRITERIA
 from passes.plan import ALLOCATIONS, BUDGETS
 
-KINDS = ("qk", "vo", "ffn", "head")
 GRANULARITIES = ("channel", "head", "auto")
 IMPORTANCES = ("auto", *CRITERIA)
 REFITS = ("auto", "dense", "self", "none")  # auto, magnitude, activation, fisher, uncoupled, random

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ecospa_fx.report import Report
 
-COLOURS = {"qk": "#4e79a7", "vo": "#f28e2b", "ffn": "#59a14f", "head": "#b07aa1"}
+COLOURS = {"qk": "#4e79a7", "vo": "#f28e2b", "ffn": "#59a14f", "latent": "#76b7b2", "head": "#b07aa1"}
 BAR_W, GAP, HEIGHT, MARGIN = 14, 4, 180, 40
 
 

@@ -122,6 +122,8 @@ def config_changes(report: Report, config) -> tuple[dict[str, int], str]:
     hidden = getattr(config, "hidden_size", None)
     if head_dim is None and heads and hidden:  # classes that read getattr(config, "head_dim", hidden // heads)
         dim_key, head_dim = "head_dim", hidden // heads
+    if "latent" in first:
+        return {}, "latent ranks were pruned (q/kv bottlenecks): no config field this tool knows holds them"
     if "ffn" in first:
         key, width = _config_value(config, FFN_KEYS)
         kept = _kept_of_size(first["ffn"], width)

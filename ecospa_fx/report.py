@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+# the kinds of prunable groups: Q/K channels, V/O channels, FFN channels, latent ranks (multi-head latent
+# attention's normalised q/kv bottlenecks), whole attention heads (head granularity)
+KINDS = ("qk", "vo", "ffn", "latent", "head")
+
 
 @dataclass(frozen=True)
 class Member:
@@ -107,7 +111,7 @@ class Report:
             buf = io.StringIO()
             console = Console(file=buf, width=140, force_terminal=False, color_system=None)
             console.print(self.table())
-            kinds = {k: self.count(k) for k in ("qk", "vo", "ffn", "head") if self.count(k)}
+            kinds = {k: self.count(k) for k in KINDS if self.count(k)}
             lines = [buf.getvalue().rstrip(), f"groups: {kinds}"]
         else:
             lines = [
@@ -171,7 +175,7 @@ class Report:
             "compensated": list(self.compensated),
             "refit": list(self.refit),
             "not_refit": list(self.not_refit),
-            "counts": {k: self.count(k) for k in ("qk", "vo", "ffn", "head")},
+            "counts": {k: self.count(k) for k in KINDS},
             "groups": [
                 {
                     "layer": g.layer,

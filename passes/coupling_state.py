@@ -28,6 +28,7 @@ FLAGS = (
     "sum_sink",  # summed away
     "residual",  # added onto a stream that carries no channel label (the residual / hidden dim)
     "produced",  # the free output axis of a weight contraction: where channels are born
+    "normalised",  # rescaled by its own mean of squares (an RMS norm over these channels, divisor kept)
 )
 SCOPES = ("all", "channel", "head")
 

@@ -173,19 +173,22 @@ def _unique_rows(*columns: np.ndarray) -> np.ndarray:
     return out
 
 
-KIND_NAMES = ("hidden", "head", "qk", "vo", "ffn", "other")
+KIND_NAMES = ("hidden", "head", "qk", "vo", "latent", "ffn", "other")
 
 
 def _unit_kinds(flags, chans: np.ndarray, starts: np.ndarray, granularity: str) -> list[str]:
     """Kind of every unit from the flags on its channels, first match wins: added to the residual stream
     -> hidden; scored and carried through attention at head granularity -> head; contracted against
-    another activation -> qk; carried through attention -> vo; contracted by a weight or summed -> ffn."""
+    another activation -> qk; carried through attention -> vo; contracted by a weight or summed after an
+    RMS normalisation over these channels -> latent (the low-rank q/kv latents of multi-head latent
+    attention); contracted by a weight or summed -> ffn."""
     has = {name: np.logical_or.reduceat(mask[chans], starts) for name, mask in flags.items()}
     head = has["score"] & has["value"] if granularity == "head" else np.zeros_like(has["score"])
+    sunk = has["param_sink"] | has["sum_sink"]
     code = np.select(
-        [has["residual"], head, has["score"], has["value"], has["param_sink"] | has["sum_sink"]],
-        [0, 1, 2, 3, 4],
-        default=5,
+        [has["residual"], head, has["score"], has["value"], sunk & has["normalised"], sunk],
+        [0, 1, 2, 3, 4, 5],
+        default=6,
     )
     return [KIND_NAMES[c] for c in code.tolist()]
 

@@ -972,9 +972,24 @@ def _mean(ctx: Ctx, node: fx.Node) -> Labels | None:
     reduced = [labels[a] for a in axes if labels[a] is not None]
     if reduced and all(lab.zero_ok and not ctx.facts.spaces[lab.space].is_site for lab in reduced):
         ctx.facts.divisors[node.name] = int(np.prod([shape[a] for a in axes]))
+        if _is_square(node.args[0]):  # a mean of squares: an RMS normalisation over these channels
+            ctx.facts.flag("normalised", ctx.global_ids(labels, [a for a in axes if labels[a] is not None]))
     else:
         _block_if_reduced(ctx, node, labels, axes, "aten::mean")
     return _reduce_labels(ctx, node, labels, axes, bool(arg(node, 2, "keepdim", False)))
+
+
+def _is_square(node: object) -> bool:
+    """``x ** 2``, ``square(x)`` or ``x * x`` (through a dtype cast)."""
+    node = _through_copies(node) if isinstance(node, fx.Node) else node
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    name = schema_name(node.target)
+    if name in ("aten::pow", "aten::pow_") and len(node.args) > 1:
+        return node.args[1] == 2
+    if name == "aten::square":
+        return True
+    return name == "aten::mul" and len(node.args) > 1 and node.args[0] is node.args[1]
 
 
 @rule("aten::linalg_vector_norm")

@@ -22,7 +22,7 @@ import networkx as nx
 import ecospa_fx
 from tests.zoo import case_by_name
 
-COLOURS = {"qk": "#1f77b4", "vo": "#2ca02c", "ffn": "#d62728", "head": "#9467bd"}
+COLOURS = {"qk": "#1f77b4", "vo": "#2ca02c", "ffn": "#d62728", "latent": "#17becf", "head": "#9467bd"}
 AXIS = {0: "rows (out)", 1: "cols (in)"}
 
 

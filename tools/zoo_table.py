@@ -71,6 +71,8 @@ def exercises(case, limit: int = 100) -> str:
 def row(case) -> str:
     meta = case.meta
     groups = " / ".join(str(case.expected(k)) for k in ("qk", "vo", "ffn"))
+    if case.expected("latent"):
+        groups += f" + {case.expected('latent')} latent"
     cells = [
         f"`{case.name}`",
         model_name(case),

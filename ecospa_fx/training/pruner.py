@@ -33,7 +33,7 @@ from ecospa_fx.api import _reconcile
 from ecospa_fx.artifact import source_info
 from ecospa_fx.config import CompressConfig
 from ecospa_fx.errors import EcospaError, InputError, VerificationError
-from ecospa_fx.report import Report
+from ecospa_fx.report import KINDS, Report
 from ecospa_fx.training import scores as S
 from ecospa_fx.training.distributed import broadcast_keep, mean_across_ranks
 from ecospa_fx.training.fsdp import fsdp_wrapper, is_sharded, reshard, unshard
@@ -94,7 +94,7 @@ class EcoSpaPruner:
         *,
         importance: str = "auto",
         granularity: str = "channel",
-        kinds: tuple[str, ...] = ("qk", "vo", "ffn", "head"),
+        kinds: tuple[str, ...] = KINDS,
         round_to: int = 8,
         dynamic_shapes: Any = None,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,

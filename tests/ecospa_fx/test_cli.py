@@ -67,7 +67,7 @@ def test_help_lists_subcommands_and_exit_codes():
 def test_compress_writes_artifact_figures_and_transformers_copy(tiny, artifact):
     out, result = artifact
     assert result["ok"] and result["params_after"] < result["params_before"]
-    assert result["groups"] == {"qk": 0, "vo": 0, "ffn": 2, "head": 2}
+    assert result["groups"] == {"qk": 0, "vo": 0, "ffn": 2, "latent": 0, "head": 2}
     assert "<svg" in (out / "report.html").read_text()
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["hf_export"]["written"] == "hf"

@@ -13,9 +13,9 @@ import torch
 import ecospa_fx
 from passes.verify import masked_copy, max_abs_diff, probe_inputs
 from tests.zoo import ALL_CASES, renamed
+from tests.zoo.case import KINDS
 
 CASES = [c for c in ALL_CASES if c.exportable]
-KINDS = ("qk", "vo", "ffn")
 
 
 def _counts(report) -> dict[str, int]:
@@ -82,7 +82,7 @@ def test_head_granularity_oracle(case, built):
     compressed = ecospa_fx.compress(model, inputs, 0.5, granularity="head")
     report = compressed.ecospa_report
     assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
-    assert all(g.kind in ("head", "ffn") for g in report.groups)
+    assert all(g.kind in ("head", "ffn", "latent") for g in report.groups)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -94,7 +94,7 @@ def test_refit_keeps_the_oracle_exact(case, built):
     compressed = ecospa_fx.compress(model, inputs, 0.5, calibration=calibration, refit_damp=0.01, dynamic_shapes=None)
     report = compressed.ecospa_report
     assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
-    sinks = {g.kind for g in report.groups if g.units_removed} & {"vo", "ffn"}
+    sinks = {g.kind for g in report.groups if g.units_removed} & {"vo", "ffn", "latent"}
     assert bool(report.refit) == bool(sinks) or not case.exact, (report.refit, sinks)
 
 

@@ -177,3 +177,50 @@ def test_graph_without_coupled_channels_has_no_groups():
     assert groups == []
     _, groups = discover(nn.ReLU(), torch.randn(2, 4))
     assert groups == []
+
+
+class Bottleneck(nn.Module):
+    """``x + up(rms(down(x)))`` and ``x + w2(gelu(w1(x)))``: channels an RMS norm rescales between two weights
+    (a latent rank) and ordinary FFN channels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.down, self.up = nn.Linear(16, 8, bias=False), nn.Linear(8, 16, bias=False)
+        self.w1, self.w2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        z = self.down(x)
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = x + self.up(z)
+        return x + self.w2(F.gelu(self.w1(x)))
+
+
+def test_a_normalised_bottleneck_is_kind_latent_and_kinds_can_leave_it_dense():
+    """Issue 12: a low-rank latent (rows of one weight through an RMS norm into another's columns) is its own
+    kind; the mean of squares keeps its divisor, so it is exact; ``kinds`` without it leaves it whole."""
+    import ecospa_fx
+
+    x = torch.randn(2, 5, 16)
+    _, groups = discover(Bottleneck(), x)
+    assert sorted(g.kind for g in groups if g.prunable) == ["ffn", "latent"]
+    both = ecospa_fx.compress(Bottleneck(), (x,), 0.5, round_to=1)
+    assert both.ecospa_report.count("latent") == 1 and both.ecospa_report.max_abs_diff < 1e-6
+    assert both.get_parameter("down.weight").shape == (4, 16)
+    ffn_only = ecospa_fx.compress(Bottleneck(), (x,), 0.5, round_to=1, kinds=("ffn",))
+    assert ffn_only.get_parameter("down.weight").shape == (8, 16)
+    assert ffn_only.get_parameter("w1.weight").shape == (16, 16)
+    assert any("kind 'latent' not selected" in r for s in ffn_only.ecospa_report.skipped for r in s.reasons)
+
+
+def test_pruned_latent_ranks_have_no_transformers_config_field():
+    import ecospa_fx
+    from ecospa_fx.hf_config import config_changes
+    from tests.zoo import case_by_name
+
+    case = case_by_name("hf_minicpm3")
+    model = case.build()
+    report = ecospa_fx.compress(model, case.inputs(), 0.5).ecospa_report
+    assert report.count("latent") == 4
+    changes, reason = config_changes(report, model.config)
+    assert changes == {} and "latent" in reason

@@ -104,15 +104,16 @@ def test_normalising_over_channel_axis_blocks(mid, reason):
 
 
 @pytest.mark.parametrize(
-    "mid",
+    ("mid", "kind"),
     [
-        lambda h: h - h.mean(-1, keepdim=True),  # the mean keeps its divisor; removed entries meet W_down's 0s
-        lambda h: h / h.norm(dim=-1, keepdim=True),  # the norm of zeros adds nothing
-        lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6),  # an RMS norm
+        (lambda h: h - h.mean(-1, keepdim=True), "ffn"),  # the mean keeps its divisor; removed entries meet 0s
+        (lambda h: h / h.norm(dim=-1, keepdim=True), "ffn"),  # the norm of zeros adds nothing
+        # an RMS norm between two weights: a normalised bottleneck, reported as kind latent
+        (lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), "latent"),
     ],
     ids=["mean_offset", "l2_scale", "rms"],
 )
-def test_mean_and_norm_over_zero_channels_are_exact(mid):
+def test_mean_and_norm_over_zero_channels_are_exact(mid, kind):
     import warnings
 
     import ecospa_fx
@@ -123,7 +124,7 @@ def test_mean_and_norm_over_zero_channels_are_exact(mid):
         warnings.simplefilter("ignore")
         compressed = ecospa_fx.compress(model, (X,), 0.5, round_to=1)
     report = compressed.ecospa_report
-    assert report.count("ffn") == 1 and report.groups[0].units_removed == 8, report.summary()
+    assert report.count(kind) == 1 and report.groups[0].units_removed == 8, report.summary()
     removed = [(n, d, i) for (n, d), i in report.removed.items()]
     probe = torch.randn(X.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 #: The coupled-group kinds a case may list in ``expect``.
-KINDS = ("qk", "vo", "ffn")
+KINDS = ("qk", "vo", "ffn", "latent")
 
 
 @dataclasses.dataclass
@@ -24,6 +24,7 @@ class ZooCase:
       to keep the same head-dim channels.
     * ``"vo"``: one group per attention module (V rows to O columns).
     * ``"ffn"``: one group per FFN (up (+gate) rows to down columns).
+    * ``"latent"``: one group per normalised low-rank bottleneck (MLA's q and kv latents).
 
     A kind that is absent from ``expect`` is expected to produce 0 groups.
     """

@@ -208,7 +208,7 @@ MLA_NOTE = (
     "(rewritten as cat([k_nope, k_rot expanded over heads])). qk groups: q_b's nope rows with kv_b's k_nope "
     "rows per head, q_b's rotary rows of every head with kv_a's k_rot rows (the shared key ties its channels "
     "across heads; pairs stay whole); vo: kv_b's v rows with o_proj's columns. The two latent ranks "
-    "(W_q_a / W_kv_a rows through an RMSNorm into W_q_b / W_kv_b columns) are exact too and counted as ffn. "
+    "(W_q_a / W_kv_a rows through an RMSNorm into W_q_b / W_kv_b columns) are exact too, kind latent. "
 )
 
 
@@ -233,13 +233,12 @@ def _deepseek_v3() -> ZooCase:
         n_shared_experts=1,
         first_k_dense_replace=1,
         post=_gpt_oss_post,
-        expect={"qk": L, "vo": L, "ffn": 7},
+        expect={"qk": L, "vo": L, "ffn": 3, "latent": 2 * L},
         meta=m,
         notes=_shape_note(m)
         + "DeepSeek-V3 multi-head latent attention: "
         + MLA_NOTE
-        + "ffn: 2 q latents, 2 kv latents, the dense MLP of layer 0, the shared expert and the 4 routed experts "
-        "(one index set) of layer 1.",
+        + "ffn: the dense MLP of layer 0, the shared expert and the 4 routed experts (one index set) of layer 1.",
     )
 
 
@@ -253,7 +252,7 @@ def _deepseek_v2() -> ZooCase:
         first_k_dense_replace=L,
         n_routed_experts=4,
         moe_intermediate_size=16,
-        expect={"qk": L, "vo": L, "ffn": 3 * L},
+        expect={"qk": L, "vo": L, "ffn": L, "latent": 2 * L},
         meta=m,
         notes=_shape_note(m)
         + "DeepSeek-V2 multi-head latent attention with complex rotary: view_as_complex(x.reshape(..., -1, 2)) "
@@ -271,7 +270,7 @@ def _minicpm3() -> ZooCase:
         tf.MiniCPM3ForCausalLM,
         tf.MiniCPM3Config,
         **{**COMMON, **MLA},
-        expect={"qk": L, "vo": L, "ffn": 3 * L},
+        expect={"qk": L, "vo": L, "ffn": L, "latent": 2 * L},
         meta=m,
         notes=_shape_note(m)
         + "MiniCPM3 multi-head latent attention with rotate_half rotary, scaled embeddings and residuals. "
