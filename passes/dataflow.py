@@ -55,7 +55,10 @@ def _visit(ctx: Ctx, node: fx.Node, params: dict[str, torch.Tensor]):
     return out
 
 
-WEIGHT_GATHERS = {"aten::index"}  # W[expert_ids]: still the weight's values (zeroed where the mask zeroes W)
+WEIGHT_GATHERS = {
+    "aten::index",
+    "aten::select",
+}  # W[expert_ids], W[e]: still the weight's values (zeroed where the mask zeroes W)
 
 
 def _fail_closed(ctx: Ctx, node: fx.Node, what: str) -> None:

@@ -409,7 +409,9 @@ def _squeeze(ctx: Ctx, node: fx.Node) -> Labels | None:
 
 
 def _drop_axes(ctx: Ctx, node: fx.Node, labels: Labels, drop: set[int]) -> Labels | None:
-    """Remove size-1 axes; a dropped axis' (constant) contribution moves onto a sibling axis."""
+    """Remove size-1 axes; a dropped axis' (constant) contribution moves onto a sibling axis. Where no axis
+    of its space is left (one expert ``W[e]`` out of a bank), that space is blocked: its channels cannot be
+    renumbered under a constant index; the other axes are not mixed and keep their labels."""
     out = [lab for a, lab in enumerate(labels) if a not in drop]
     for a in sorted(drop):
         lab = labels[a]
@@ -417,8 +419,9 @@ def _drop_axes(ctx: Ctx, node: fx.Node, labels: Labels, drop: set[int]) -> Label
             continue
         sibling = next((k for k, other in enumerate(out) if other is not None and other.space == lab.space), None)
         if sibling is None:
-            block_input(ctx, node, "a single channel is selected out of its space")
-            return None
+            only = tuple(x if k == a else None for k, x in enumerate(labels))
+            ctx.block_labels(only, "all", "a single channel is selected out of its space", node)
+            continue
         out[sibling] = out[sibling].with_arr(out[sibling].arr + lab.arr[0])
     return tuple(out)
 

@@ -252,6 +252,10 @@ def _patch_shape_arg(analysis, node: fx.Node, keep, index: int) -> None:
 
 def _patch_view(analysis, node, keep) -> None:
     _patch_shape_arg(analysis, node, keep, 1)
+    if node.target in (aten.view.default, aten._unsafe_view.default) and _sizes_after(analysis, node, keep):
+        # a view of a channel-carrying tensor becomes a reshape: the same values, and it still runs where the
+        # smaller input comes with other strides (SDPA picks its kernel, and its output layout, by head_dim)
+        node.target = aten.reshape.default
 
 
 def _patch_expand_as(analysis, node, keep) -> None:

@@ -508,3 +508,38 @@ def test_data_dependent_split_of_tokens_keeps_channels_and_of_channels_blocks():
     assert channels.count("ffn") == 0
     reasons = [r for s in channels.skipped for r in s.reasons]
     assert any("split with data-dependent sizes along a channel axis" in r for r in reasons), reasons
+
+
+class LoopedExperts(nn.Module):
+    """A dense mixture written as a loop over a 3-D bank: ``x + sum_e g_e * down[e](gelu(up[e] x))``, each
+    expert's matrices read with a constant index ``W[e]`` (aten.select on the bank's expert axis)."""
+
+    def __init__(self, experts: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate = nn.Linear(8, experts)
+        self.up = nn.Parameter(torch.randn(experts, 8, 16) / 3)
+        self.down = nn.Parameter(torch.randn(experts, 16, 8) / 4)
+
+    def forward(self, x):
+        g = self.gate(x).softmax(-1)
+        out = x
+        for e in range(self.up.shape[0]):
+            out = out + g[..., e : e + 1] * (F.gelu(x @ self.up[e]) @ self.down[e])
+        return out
+
+
+def test_one_expert_read_out_of_a_bank_blocks_only_the_expert_axis():
+    """``W[e]`` picks one position of the bank's own expert axis: that axis cannot be renumbered (blocked,
+    with its reason), but the FFN channels on the other axes are not mixed and stay prunable (one index set
+    for all experts). It once blocked every axis of the bank."""
+    import ecospa_fx
+
+    x = torch.randn(2, 5, 8)
+    compressed = ecospa_fx.compress(LoopedExperts().eval(), (x,), 0.5, round_to=1)
+    report = compressed.ecospa_report
+    assert report.count("ffn") == 1 and report.max_abs_diff < 1e-6
+    assert compressed.get_parameter("up").shape == (3, 8, 8)
+    assert compressed.get_parameter("down").shape == (3, 8, 8)
+    reasons = [r for s in report.skipped for r in s.reasons]
+    assert any("a single channel is selected out of its space" in r for r in reasons), reasons
