@@ -134,7 +134,7 @@ def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any, 
             f"torch.export could not trace {type(model).__name__}: {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}\n"
             "advice: make forward traceable (no data-dependent Python control flow on tensor values, no "
-            "unsupported outputs)"
+            "unsupported outputs)" + _experts_advice(model)
         ) from err
     try:
         return program.module(check_guards=guards)
@@ -143,6 +143,20 @@ def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any, 
             f"torch.export traced {type(model).__name__} but could not rebuild it as a module: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
+
+
+def _experts_advice(model: torch.nn.Module) -> str:
+    """transformers' "eager" experts loop over the experts a batch happens to hit (a data-dependent loop
+    that torch.export cannot trace); its grouped and batched experts trace and are pruned exactly."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) == "eager":
+            return (
+                f"; {type(module).__name__} runs its routed experts with experts_implementation='eager': "
+                "call model.set_experts_implementation('grouped_mm') (or 'batched_mm') before compressing, "
+                "or load it with experts_implementation='grouped_mm'"
+            )
+    return ""
 
 
 _SAME_DTYPE_OPS = {

@@ -89,3 +89,30 @@ def test_copy_module_keeps_non_persistent_buffers_out_of_the_state_dict():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert "scale" not in ecospa_fx.compress(model, (x,), 0.5).state_dict()
+
+
+def test_eager_experts_failure_names_the_traceable_implementations():
+    """transformers' eager experts loop over the experts a batch hits (data-dependent): export fails, and the
+    error says which experts implementations trace."""
+    import transformers as tf
+
+    cfg = tf.Qwen2MoeConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=8,
+        num_experts=2,
+        num_experts_per_tok=1,
+        use_cache=False,
+    )
+    cfg._experts_implementation = "eager"
+    model = tf.Qwen2MoeForCausalLM(cfg).eval()
+    with pytest.raises(CaptureFailed, match=r"set_experts_implementation\('grouped_mm'\)"):
+        capture(model, (torch.randint(0, 32, (1, 5)),))
+    model.set_experts_implementation("grouped_mm")
+    assert capture(model, (torch.randint(0, 32, (1, 5)),)) is not None
