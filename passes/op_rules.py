@@ -207,6 +207,11 @@ def _elementwise(ctx: Ctx, node: fx.Node, mode: str) -> Labels:
         operands.append(
             Operand(ctx.labels_or_none(a), shape, letters[len(letters) - len(shape) :], path, ctx.is_weight(a))
         )
+    return _meet_elementwise(ctx, node, mode, operands, letters)
+
+
+def _meet_elementwise(ctx: Ctx, node: fx.Node, mode: str, operands: list[Operand], letters: list[str]) -> Labels:
+    """Labels of a position-by-position op whose ``operands`` align with the output ``letters``."""
     was_unlabelled = [all(lab is None for lab in op.labels) and not op.is_weight for op in operands]
     if not any(any(op.labels) and not op.is_weight for op in operands) and any(was_unlabelled):
         return None  # only weights carry labels (norm scale, position embedding): no channel flows here
@@ -286,6 +291,29 @@ def _blocks_shared_inplace(ctx: Ctx, node: fx.Node) -> bool:
         block_input(ctx, node, "in-place op on a tensor that has other readers")
         return True
     return False
+
+
+@rule("aten::index_add", "aten::index_add_")
+def _index_add(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``out = self; out[index[i]] += alpha * source[i]`` along ``dim`` (routed experts scatter their
+    tokens back). Along ``dim`` rows are matched by a run-time index: that axis must carry no channels
+    (tokens). On every other axis self, source and out meet position by position, as in ``self + source``:
+    out is 0 at a removed channel where both are."""
+    self_arg, dim, index, source = node.args[:4]
+    if schema_name(node.target) == "aten::index_add_" and _blocks_shared_inplace(ctx, node):
+        return None
+    out_shape = ctx.shape(node)
+    d = norm_dim(dim, len(out_shape))
+    labels = [ctx.labels_or_none(a) for a in (self_arg, source)]
+    if any(lab[d] is not None for lab in labels) or any(ctx.labels_or_none(index)):
+        block_input(ctx, node, "index_add along a channel axis (rows matched by a run-time index)")
+        return None
+    letters = [f"e{k}" for k in range(len(out_shape))]
+    operands = [
+        Operand(lab, list(out_shape), letters, (k,), ctx.is_weight(a))
+        for lab, a, k in zip(labels, (self_arg, source), (0, 3), strict=True)
+    ]
+    return _meet_elementwise(ctx, node, "add", operands, letters)
 
 
 @rule(*MULTIPLICATIVE)

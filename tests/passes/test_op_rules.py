@@ -543,3 +543,62 @@ def test_one_expert_read_out_of_a_bank_blocks_only_the_expert_axis():
     assert compressed.get_parameter("down").shape == (3, 8, 8)
     reasons = [r for s in report.skipped for r in s.reasons]
     assert any("a single channel is selected out of its space" in r for r in reasons), reasons
+
+
+class RoutedExpertModules(nn.Module):
+    """Routed experts as modules (transformers 4.x Mixtral): each expert takes the tokens routed to it
+    (``torch.where`` on the one-hot routing, data-dependent counts), and scatters its output back with
+    ``index_add_`` along the token axis."""
+
+    def __init__(self, d: int = 8, f: int = 16, experts: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.up = nn.ModuleList(nn.Linear(d, f, bias=False) for _ in range(experts))
+        self.down = nn.ModuleList(nn.Linear(f, d, bias=False) for _ in range(experts))
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(self.gate(h).softmax(-1), 2, dim=-1)
+        out = torch.zeros_like(h)
+        mask = F.one_hot(chosen, num_classes=len(self.up)).permute(2, 1, 0)
+        for e, (up, down) in enumerate(zip(self.up, self.down, strict=True)):
+            slot, tokens = torch.where(mask[e])
+            y = down(F.gelu(up(h[tokens]))) * weights[tokens, slot, None]
+            out.index_add_(0, tokens, y)
+        return x + out.reshape(x.shape)
+
+
+def test_index_add_of_routed_tokens_keeps_each_experts_channels():
+    """``index_add_`` along the token axis meets self and source channel by channel: each expert module
+    keeps its own FFN channel set (one group per expert), exactly, and the residual stream through the
+    scatter is reported as the hidden dimension instead of an unknown op."""
+    import ecospa_fx
+
+    x = torch.randn(2, 5, 8)
+    compressed = ecospa_fx.compress(RoutedExpertModules().eval(), (x,), 0.5, round_to=1)
+    report = compressed.ecospa_report
+    assert report.count("ffn") == 3 and report.max_abs_diff < 1e-6
+    assert [compressed.get_parameter(f"up.{e}.weight").shape for e in range(3)] == [(8, 8)] * 3
+    reasons = [r for s in report.skipped for r in s.reasons]
+    assert not any("index_add" in r for r in reasons), reasons
+    assert any(s.kind == "hidden" for s in report.skipped)
+
+
+def test_index_add_along_a_channel_axis_blocks():
+    """Rows matched by a run-time index along a channel axis cannot be renumbered: the FFN stays dense."""
+
+    class ScatterChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = F.gelu(self.up(x))
+            picked = torch.argsort(x[0, :2]).repeat(8)  # 16 run-time positions on the channel axis
+            h = torch.zeros_like(h).index_add(-1, picked, h)
+            return self.down(h)
+
+    _, groups = discover(ScatterChannels(), torch.randn(3, 8))
+    assert not any(g.kind == "ffn" and g.prunable for g in groups)
+    assert any("index_add along a channel axis" in r for g in groups for r in g.reasons)
