@@ -134,7 +134,7 @@ def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any, 
             f"torch.export could not trace {type(model).__name__}: {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}\n"
             "advice: make forward traceable (no data-dependent Python control flow on tensor values, no "
-            "unsupported outputs)" + _experts_advice(model)
+            "unsupported outputs)" + _experts_advice(model, err)
         ) from err
     try:
         return program.module(check_guards=guards)
@@ -145,12 +145,16 @@ def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any, 
         ) from err
 
 
-def _experts_advice(model: torch.nn.Module) -> str:
+def _experts_advice(model: torch.nn.Module, err: Exception) -> str:
     """transformers' "eager" experts loop over the experts a batch happens to hit (a data-dependent loop
-    that torch.export cannot trace); its grouped and batched experts trace and are pruned exactly."""
-    for module in model.modules():
+    that torch.export cannot trace); its grouped and batched experts trace and are pruned exactly. Said only
+    when export failed on a data-dependent expression."""
+    if "data-dependent" not in f"{type(err).__name__} {err}".lower().replace("datadependent", "data-dependent"):
+        return ""
+    for module in model.modules():  # experts classes that transformers can switch carry `is_concatenated`
         config = getattr(module, "config", None)
-        if getattr(config, "_experts_implementation", None) == "eager":
+        switchable = hasattr(module, "is_concatenated") and hasattr(module, "has_gate")
+        if switchable and getattr(config, "_experts_implementation", None) == "eager":
             return (
                 f"; {type(module).__name__} runs its routed experts with experts_implementation='eager': "
                 "call model.set_experts_implementation('grouped_mm') (or 'batched_mm') before compressing, "
