@@ -135,9 +135,40 @@ class Ctx:
             for b in operands[i + 1 :]:
                 tie_operands(self.facts, self.facts.spaces, a, b, sizes)
         self._flag_contractions(operands, out_letters)
-        return self._output_labels(operands, out_letters, sizes)
+        return self._drop_outer_products(node, operands, out_letters, self._output_labels(operands, out_letters, sizes))
+
+    def _drop_outer_products(self, node, operands: list[Operand], out_letters: list[str], out: Labels) -> Labels:
+        """One space on several output axes means ``channel = sum of the axes' offsets`` (heads and
+        head_dim of one projection). When no operand carries the space on all of them, the output is an
+        outer product of two channel sets of one weight (Mamba-2's ``B`` rows times its ``x`` rows, both
+        rows of ``in_proj``): no label describes it. The operand that carries the space on the most of
+        those axes keeps its labels there; on the other axes the channels are blocked where they come from
+        and the output carries no label (it is then gathered only where nothing was removed)."""
+        letters_of: dict[int, list[str]] = {}
+        for ch, lab in zip(out_letters, out, strict=True):
+            if lab is not None:
+                letters_of.setdefault(lab.space, []).append(ch)
+        result = dict(zip(out_letters, out, strict=True))
+        for space, letters in letters_of.items():
+            if len(letters) < 2 or any(_carries_on_all(op, space, letters) for op in operands):
+                continue
+            best = max(operands, key=lambda op: sum(_carries_on_all(op, space, [ch]) for ch in letters))
+            for ch in letters:
+                if _carries_on_all(best, space, [ch]):
+                    result[ch] = replace(best.letter_labels()[ch], zero_ok=result[ch].zero_ok)
+                    continue
+                result[ch] = None
+                for op in operands:
+                    if _carries_on_all(op, space, [ch]):
+                        only = tuple(lab if c == ch else None for c, lab in zip(op.letters, op.labels, strict=True))
+                        reason = "an outer product of two channel sets of one weight (no single label describes it)"
+                        self.block_labels(only, "all", reason, node)
+        return tuple(result[ch] for ch in out_letters)
 
     def _add_gather_sites(self, node, operands: list[Operand], sizes) -> list[Operand]:
+        """An unlabelled, non-weight operand (a constant, a zero state ``zeros(B, D, N)``) that meets
+        labelled letters becomes a gather site on each of those axes: the rewrite gathers its kept
+        positions axis by axis (``index_select`` is separable, so the order does not matter)."""
         labelled = {ch for op in operands for ch in op.letter_labels()}
         out = []
         for op in operands:
@@ -145,23 +176,25 @@ class Ctx:
                 k for k, ch in enumerate(op.letters) if ch in labelled and op.labels[k] is None and op.shape[k] > 1
             ]
             if missing and op.path is not None and not op.is_weight:
-                if len(missing) > 1:
+                if len(missing) > 1 and not _separable_sites(operands, [op.letters[k] for k in missing]):
                     for other in operands:
                         if other is not op:
                             self.block_labels(
                                 other.labels,
                                 "all",
-                                "an operand meets channel axes on more than one axis (cannot gather it per axis)",
+                                "an operand meets one channel space on several axes (heads and head_dim): "
+                                "its kept positions are not a gather per axis",
                                 node,
                             )
-                else:
-                    k = missing[0]
-                    labels = list(op.labels)
+                    out.append(op)
+                    continue
+                labels = list(op.labels)
+                for k in missing:
                     lab = self.virtual_label(node, op.path, k, op.shape[k])
                     if _is_block_axis(operands, op.letters[k]):
                         lab = lab.partial(np.zeros(1, dtype=np.int64))
                     labels[k] = lab
-                    op = replace(op, labels=tuple(labels))
+                op = replace(op, labels=tuple(labels))
             out.append(op)
         return out
 
@@ -296,6 +329,23 @@ def _weight_in_output(op: Operand, out_letters: list[str]) -> float:
     labs = op.letter_labels()
     full = sum(1 for ch, lab in labs.items() if ch in out_letters and lab.full)
     return full + (0.5 if not op.is_weight else 0.0)
+
+
+def _carries_on_all(op: Operand, space: int, letters: list[str]) -> bool:
+    labs = op.letter_labels()
+    return all(ch in labs and labs[ch].space == space for ch in letters)
+
+
+def _separable_sites(operands: list[Operand], letters: list[str]) -> bool:
+    """Gathering an operand axis by axis keeps a product of per-axis positions: exact only when no channel
+    space it meets spans two of those ``letters`` (a [heads, head_dim] pair keeps channels per head)."""
+    seen: set[int] = set()
+    for ch in letters:
+        spaces = {op.letter_labels()[ch].space for op in operands if ch in op.letter_labels()}
+        if spaces & seen:
+            return False
+        seen |= spaces
+    return True
 
 
 def _is_block_axis(operands: list[Operand], letter: str) -> bool:

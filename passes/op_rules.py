@@ -85,7 +85,7 @@ NORMALISING_REDUCTIONS = [  # (``aten::mean`` and ``aten::linalg_vector_norm`` h
 SOFTMAXES = ["aten::softmax", "aten::_softmax", "aten::log_softmax", "aten::_log_softmax"]
 NORM_LAYERS = ["aten::layer_norm", "aten::rms_norm", "aten::native_layer_norm", "aten::group_norm"]
 # Ops whose output starts a fresh, unlabelled stream (embedding rows, conv channels): the hidden dim.
-HIDDEN_ORIGINS = ["aten::embedding", "aten::conv1d", "aten::conv2d", "aten::convolution"]
+HIDDEN_ORIGINS = ["aten::embedding", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution"]
 COPY_OR_SHAPE = set(COPIES + RESHAPES) | {
     "aten::t",
     "aten::numpy_T",
@@ -586,6 +586,21 @@ def _data_dependent_pieces(ctx: Ctx, node: fx.Node, dim: int, count: int) -> lis
         block_input(ctx, node, "split with data-dependent sizes along a channel axis")
         return None
     return [labels] * count
+
+
+@rule("aten::tensor_split")
+def _tensor_split(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
+    """``tensor_split`` at positions along ``dim`` (Mamba splits its scan inputs along time): along an axis
+    that carries no channel every piece keeps the labels; along a channel axis it blocks (its split points
+    are not rewritten)."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    dim = norm_dim(arg(node, 2, "dim", 0), len(labels))
+    if labels[dim] is not None:
+        block_input(ctx, node, "tensor_split along a channel axis (its split points are not rewritten)")
+        return None
+    return [labels] * len(node.meta["val"])
 
 
 @rule("aten::chunk")
@@ -1208,9 +1223,103 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Labels:
     return ctx.combine(node, [probs, value], [*batch, "l", "v"])
 
 
+@rule("aten::pad", "aten::constant_pad_nd")
+def _pad(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``F.pad(x, (l_last, r_last, l_prev, r_prev, ...))`` with a constant: axes it pads must carry no
+    channels (Mamba-2 pads time to whole chunks); the rest keep their labels. A removed channel stays 0
+    where the pad value is 0."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    pads = list(node.args[1])
+    mode = arg(node, 2, "mode", "constant") if schema_name(node.target) == "aten::pad" else "constant"
+    value = arg(node, 3 if schema_name(node.target) == "aten::pad" else 2, "value", 0) or 0
+    padded = {len(labels) - 1 - k // 2 for k, p in enumerate(pads) if p != 0}
+    if mode != "constant" or any(labels[a] is not None for a in padded):
+        block_input(ctx, node, f"{mode} padding of an axis that carries channels")
+        return None
+    if value != 0:
+        return tuple(_not_zero(lab) for lab in labels)
+    return labels
+
+
+@rule("aten::new_zeros", "aten::new_ones", "aten::new_full")
+def _fresh_constant(ctx: Ctx, node: fx.Node) -> None:
+    """``x.new_zeros(size)``: a constant of literal size that takes only x's dtype and device. It carries
+    no channels; where it meets channels later it is a gather site (``new_empty``, whose contents are
+    undefined until written, is not here)."""
+
+
+@rule("aten::zeros_like", "aten::ones_like", "aten::full_like")
+def _constant_like(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``zeros_like(x)`` takes x's shape, so in the compressed graph it has x's kept channels: it carries
+    x's labels, with values that are 0 at removed channels only when the fill is 0."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    name = schema_name(node.target)
+    fill = 0 if name == "aten::zeros_like" else 1 if name == "aten::ones_like" else arg(node, 1, "fill_value")
+    return labels if fill == 0 else tuple(_not_zero(lab) for lab in labels)
+
+
 @rule(*HIDDEN_ORIGINS)
-def _hidden_origin(ctx: Ctx, node: fx.Node) -> None:
+def _hidden_origin(ctx: Ctx, node: fx.Node) -> Labels | None:
     data = node.args[1] if schema_name(node.target) == "aten::embedding" else node.args[0]
     if ctx.lab(data) is not None and any(ctx.lab(data)):
+        if conv_groups(node) is not None:
+            return _depthwise_conv(ctx, node)
         block_input(ctx, node, f"{schema_name(node.target)} consumes channel-carrying input")
-    return
+    return None
+
+
+def conv_groups(node: fx.Node) -> tuple[int, int] | None:
+    """``(argument index of groups, groups)`` of a depthwise convolution (``groups == C_in == C_out``, weight
+    ``[C, 1, *kernel]``, not transposed), else None."""
+    convolution = schema_name(node.target) == "aten::convolution"
+    index = 8 if convolution else 6
+    groups = arg(node, index, "groups", 1)
+    if convolution and arg(node, 6, "transposed", False):
+        return None
+    weight = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+    data = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(groups, int) or weight is None or data is None or data.ndim != weight.ndim:
+        return None
+    if groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1 and data.shape[1] == groups:
+        return index, groups
+    return None
+
+
+def _depthwise_conv(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """``y[b, c, t] = bias[c] + sum_k w[c, 0, k] x[b, c, t + k - pad]`` (short causal convolutions of LFM2,
+    Mamba): channel ``c`` of y reads only channel ``c`` of x and of the weight, so x, w and bias meet on
+    the channel axis position by position. The window mixes positions along the spatial axes: they must
+    carry no channels, and the kernel taps are not removed. y is 0 at a removed channel where x or w is
+    and the bias is (or there is none). The rewrite patches ``groups`` to the kept channel count."""
+    x, w, bias = node.args[0], node.args[1], arg(node, 2, "bias")
+    xl = ctx.labels_or_none(x)
+    if any(lab is not None for k, lab in enumerate(xl) if k != 1):
+        block_input(ctx, node, "depthwise convolution over an axis that carries channels (its window mixes them)")
+        return None
+    out_shape = ctx.shape(node)
+    letters = [f"e{k}" for k in range(len(out_shape))]
+    wl = ctx.labels_or_none(w)
+    taps = tuple(lab if k >= 1 else None for k, lab in enumerate(wl))
+    if any(taps):
+        ctx.block_labels(taps, "all", "convolution taps (the window is kept whole)", node)
+    operands = [
+        Operand(xl, [out_shape[0], out_shape[1], *out_shape[2:]], letters, (0,), ctx.is_weight(x)),
+        Operand(
+            (wl[0], *(None,) * (len(wl) - 1)),
+            ctx.shape(w),
+            ["e1", *(f"k{k}" for k in range(1, len(wl)))],
+            (1,),
+            ctx.is_weight(w),
+        ),
+    ]
+    if isinstance(bias, fx.Node):
+        operands.append(Operand(ctx.labels_or_none(bias), ctx.shape(bias), ["e1"], (2,), ctx.is_weight(bias)))
+    labels = ctx.combine(node, operands, letters)
+    channel = [op.letter_labels().get("e1") for op in ctx.last_operands]
+    zero = [lab is not None and lab.zero_ok and not ctx.facts.spaces[lab.space].is_site for lab in channel]
+    zero_ok = (zero[0] or zero[1]) and (len(zero) < 3 or zero[2])
+    return tuple(None if lab is None else replace(lab, zero_ok=zero_ok) for lab in labels)

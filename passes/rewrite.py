@@ -20,7 +20,7 @@ import torch.fx as fx
 from passes.analyse import Analysis, arg_at, concrete
 from passes.compaction import CompactionError, new_sizes, remap_index, remap_slice
 from passes.labels import Labels, of_space
-from passes.op_rules import arg, norm_dim, reduced_axes, schema_name
+from passes.op_rules import arg, conv_groups, norm_dim, reduced_axes, schema_name
 from passes.state import narrow_placeholders
 
 aten = torch.ops.aten
@@ -407,7 +407,23 @@ def _patch_view_as_complex(analysis, node, keep) -> None:
     node.update_arg(0, dense)
 
 
+def _patch_conv_groups(analysis, node, keep) -> None:
+    """A depthwise convolution's ``groups`` is its channel count: it follows the kept channels."""
+    found = conv_groups(node)
+    sizes = _sizes_after(analysis, node, keep)
+    if found is not None and sizes is not None and sizes[1] != found[1]:
+        index, _ = found
+        if len(node.args) > index:
+            node.update_arg(index, sizes[1])
+        else:
+            node.update_kwarg("groups", sizes[1])
+
+
 PATCHES = {
+    "aten::conv1d": _patch_conv_groups,
+    "aten::conv2d": _patch_conv_groups,
+    "aten::conv3d": _patch_conv_groups,
+    "aten::convolution": _patch_conv_groups,
     "aten::view_as_complex": _patch_view_as_complex,
     "aten::layer_norm": _patch_norm_of_nothing,
     "aten::rms_norm": _patch_norm_of_nothing,

@@ -602,3 +602,45 @@ def test_index_add_along_a_channel_axis_blocks():
     _, groups = discover(ScatterChannels(), torch.randn(3, 8))
     assert not any(g.kind == "ffn" and g.prunable for g in groups)
     assert any("index_add along a channel axis" in r for g in groups for r in g.reasons)
+
+
+class ShortConv(nn.Module):
+    """A gated short causal convolution (LFM2, Hyena, Mamba's conv): ``out(C * conv(B * x))`` with
+    ``B, C, x = in(h).chunk(3)`` and a depthwise ``conv`` (one filter per channel, groups == channels)."""
+
+    def __init__(self, width: int = 8, channels: int = 12, kernel: int = 3, groups: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(width, 3 * channels)
+        self.conv = nn.Conv1d(channels, channels, kernel, groups=groups or channels, padding=kernel - 1)
+        self.out = nn.Linear(channels, width)
+
+    def forward(self, h):
+        b, c, x = self.inp(h).transpose(-1, -2).chunk(3, dim=-2)
+        y = self.conv(b * x)[..., : h.shape[1]]
+        return h + self.out((c * y).transpose(-1, -2))
+
+
+def test_depthwise_convolution_carries_channels_and_prunes_with_its_projections():
+    """Channel c of a depthwise convolution reads only channel c (of x, the filter and the bias): the three
+    chunks of the in-projection, the filters and the out-projection's columns lose the same channels, the
+    compressed conv has groups == kept channels, and it is exact."""
+    import ecospa_fx
+
+    h = torch.randn(2, 6, 8)
+    compressed = ecospa_fx.compress(ShortConv().eval(), (h,), 0.5, round_to=1)
+    report = compressed.ecospa_report
+    assert report.count("ffn") == 1 and report.max_abs_diff < 1e-6
+    assert compressed.get_parameter("conv.weight").shape == (6, 1, 3)
+    assert compressed.get_parameter("conv.bias").shape == (6,)
+    assert compressed.get_parameter("inp.weight").shape == (18, 8)
+    assert compressed.get_parameter("out.weight").shape == (8, 6)
+    assert compressed(h).shape == h.shape
+
+
+def test_grouped_but_not_depthwise_convolution_still_blocks():
+    """A grouped convolution mixes the channels of a group: only the gate C's channels (a product after
+    the convolution) stay prunable; B and x, read by the convolution, are not removed."""
+    _, groups = discover(ShortConv(groups=4), torch.randn(2, 6, 8))
+    reasons = [r for g in groups for r in g.reasons]
+    assert any("aten::conv1d consumes channel-carrying input" in r for r in reasons), reasons
