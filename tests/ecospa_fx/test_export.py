@@ -205,6 +205,8 @@ MODERN = [
     "hf_qwen2_moe",  # routed experts through transformers::grouped_mm_fallback (ecospa_fx.onnx_translations)
     "hf_deepseek_v3",  # MLA; hf_deepseek_v2's complex rotary has no ONNX translation (dense model included)
     "hf_minicpm3",
+    "hf_lfm2",  # a depthwise short conv between two projections
+    "hf_mamba",  # a selective state-space scan
 ]
 
 

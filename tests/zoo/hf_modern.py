@@ -1,6 +1,7 @@
 """Tiny Hugging Face models of the current LLM families (issue 12): qk-norm in its RMS, per-projection and
 centring forms, partial rotary at half of head_dim, clipped q/k/v, a squared-ReLU FFN, multi-head latent
-attention (DeepSeek-V2/V3, MiniCPM3) and routed experts through a grouped matmul (Qwen2-MoE).
+attention (DeepSeek-V2/V3, MiniCPM3), routed experts through a grouped matmul (Qwen2-MoE), a depthwise
+short convolution (LFM2) and a selective state-space scan (Mamba).
 
 Same conventions as ``tests/zoo/hf.py`` (2 layers, 4 query heads, GQA 4q/2kv, head_dim 8, int64 ids
 (2, 8), seeded random weights, no hub). What makes each exact is written in its notes.
@@ -302,6 +303,67 @@ def _qwen2_moe() -> ZooCase:
     )
 
 
+def _lfm2() -> ZooCase:
+    m = _meta(
+        kv_heads=2,
+        head_dim=8,
+        hidden=32,
+        ffn=64,
+        rotary="rotate_half, full head_dim",
+        qk_norm="RMSNorm over head_dim",
+        attention="GQA 4q/2kv (layer 0), short conv (layer 1)",
+    )
+    return _case(
+        "hf_lfm2",
+        tf.Lfm2ForCausalLM,
+        tf.Lfm2Config,
+        **COMMON,
+        layer_types=["full_attention", "conv"],
+        block_auto_adjust_ff_dim=False,
+        expect={"qk": 1, "vo": 1, "ffn": L + 1},
+        meta=m,
+        notes=_shape_note(m)
+        + (
+            "LFM2 hybrid: layer 1 is a gated short convolution, out(C * conv(B * x)) with B, C, x = "
+            "in_proj(h).chunk(3) and a depthwise causal conv1d (groups == channels): channel c of the conv "
+            "reads only channel c, so the three in_proj chunks, the filters and out_proj's columns are one "
+            "ffn group (groups follows the kept count). ffn: one per MLP plus the conv."
+        ),
+    )
+
+
+def _mamba() -> ZooCase:
+    m = _meta(heads=0, kv_heads=0, head_dim=0, hidden=32, ffn=64, rotary=None, attention="state space (Mamba)")
+    return _case(
+        "hf_mamba",
+        tf.MambaForCausalLM,
+        tf.MambaConfig,
+        attn="eager",
+        vocab_size=COMMON["vocab_size"],
+        hidden_size=32,
+        num_hidden_layers=L,
+        state_size=4,
+        expand=2,
+        conv_kernel=4,
+        time_step_rank=4,
+        use_cache=False,
+        initializer_range=COMMON["initializer_range"],
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        expect={"qk": L, "vo": L, "ffn": L},
+        meta=m,
+        notes=(
+            "Mamba (selective scan, transformers' torch path): no attention, yet the algebra gives the same "
+            "kinds. Inner channels (in_proj's x and z rows, the depthwise conv, A_log and D rows, x_proj's "
+            "columns, dt_proj's rows, out_proj's columns) pass through the scan like v through attention "
+            "(vo); the state channels (x_proj's B and C rows, A_log's columns) meet in the readout C . s like "
+            "q . k (qk): the zero initial state new_zeros(B, D, N) is a gather site on both axes; the dt rank "
+            "(x_proj rows into dt_proj columns) is an ffn."
+        ),
+    )
+
+
 MODERN_CASES: list[ZooCase] = [
     _gemma3(),
     _olmo2(),
@@ -314,4 +376,6 @@ MODERN_CASES: list[ZooCase] = [
     _deepseek_v3(),
     _deepseek_v2(),
     _minicpm3(),
+    _lfm2(),
+    _mamba(),
 ]
