@@ -152,7 +152,7 @@ class Ctx:
         for space, letters in letters_of.items():
             if len(letters) < 2 or any(_carries_on_all(op, space, letters) for op in operands):
                 continue
-            best = max(operands, key=lambda op: sum(_carries_on_all(op, space, [ch]) for ch in letters))
+            best = max(operands, key=lambda op: _outer_side_rank(op, space, letters))
             for ch in letters:
                 if _carries_on_all(best, space, [ch]):
                     result[ch] = replace(best.letter_labels()[ch], zero_ok=result[ch].zero_ok)
@@ -329,6 +329,13 @@ def _weight_in_output(op: Operand, out_letters: list[str]) -> float:
     labs = op.letter_labels()
     full = sum(1 for ch, lab in labs.items() if ch in out_letters and lab.full)
     return full + (0.5 if not op.is_weight else 0.0)
+
+
+def _outer_side_rank(op: Operand, space: int, letters: list[str]) -> tuple[int, int]:
+    """Which side of an outer product keeps its labels: the one on more of the letters, then the one that
+    spans more channels there (Mamba-2's inner x channels before its state channels)."""
+    carried = [op.letter_labels()[ch] for ch in letters if _carries_on_all(op, space, [ch])]
+    return len(carried), sum(len(lab.arr) for lab in carried)
 
 
 def _carries_on_all(op: Operand, space: int, letters: list[str]) -> bool:

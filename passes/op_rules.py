@@ -588,6 +588,21 @@ def _data_dependent_pieces(ctx: Ctx, node: fx.Node, dim: int, count: int) -> lis
     return [labels] * count
 
 
+@rule("aten::cumsum", "aten::cumprod")
+def _scan_along(ctx: Ctx, node: fx.Node) -> Labels | None:
+    """A running sum or product along ``dim`` (Mamba-2's decay over time): along an axis that carries no
+    channel the other axes keep their labels, and a removed channel stays 0 (a scan of zeros is 0);
+    along a channel axis it mixes channels and blocks."""
+    labels = ctx.lab(node.args[0])
+    if labels is None:
+        return None
+    dim = norm_dim(node.args[1], len(labels))
+    if labels[dim] is not None:
+        block_input(ctx, node, f"{schema_name(node.target)} along a channel axis (it mixes channels)")
+        return None
+    return labels
+
+
 @rule("aten::tensor_split")
 def _tensor_split(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
     """``tensor_split`` at positions along ``dim`` (Mamba splits its scan inputs along time): along an axis

@@ -63,11 +63,11 @@ def test_control_elementwise_activation_gives_a_prunable_ffn_group():
 @pytest.mark.parametrize(
     ("mid", "op"),
     [
-        (lambda h: torch.cumsum(h, -1), "aten::cumsum"),
+        (lambda h: torch.cummax(h, -1).values, "aten::cummax"),  # cumsum has a rule (a scan over tokens)
         (lambda h: torch.sort(h, -1).values, "aten::sort"),
         (lambda h: torch.flip(h, [-1]), "aten::flip"),
     ],
-    ids=["cumsum", "sort", "flip"],
+    ids=["cummax", "sort", "flip"],
 )
 def test_unknown_op_between_projections_fails_closed(mid, op):
     analysis, groups = discover(FFN(mid), X)
@@ -644,3 +644,14 @@ def test_grouped_but_not_depthwise_convolution_still_blocks():
     _, groups = discover(ShortConv(groups=4), torch.randn(2, 6, 8))
     reasons = [r for g in groups for r in g.reasons]
     assert any("aten::conv1d consumes channel-carrying input" in r for r in reasons), reasons
+
+
+def test_running_sum_over_tokens_keeps_channels_and_over_channels_blocks():
+    """``cumsum`` along the token axis is channelwise (a scan of zeros is 0): the FFN stays prunable and
+    exact; along the FFN's channel axis it mixes channels and blocks with its reason."""
+    _, over_tokens = discover(FFN(lambda h: F.gelu(h).cumsum(1)), X)
+    assert any(g.kind == "ffn" and g.prunable for g in over_tokens)
+    _, over_channels = discover(FFN(lambda h: F.gelu(h).cumsum(-1)), X)
+    assert not any(g.kind == "ffn" and g.prunable for g in over_channels)
+    reasons = [r for g in over_channels for r in g.reasons]
+    assert any("aten::cumsum along a channel axis" in r for r in reasons), reasons
