@@ -31,7 +31,8 @@ class TorchStepper:
         if layout is None:
             raise InputError(
                 "this model has no KV cache: compress a causal LM loaded with use_cache=True (the Hugging "
-                "Face default) to get a model that generates"
+                "Face default) to get a model that generates (a model whose cache holds recurrent state, a conv or "
+                "state-space layer's, is compressed without one)"
             )
         self.module, self.layout = module, layout
         self.eos_token_id = list(layout.eos_token_id)

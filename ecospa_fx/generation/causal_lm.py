@@ -41,7 +41,31 @@ def is_cached_causal_lm(model: Any) -> bool:
         return False
     if getattr(config, "is_encoder_decoder", False) or not _can_generate(model):
         return False
+    if recurrent_cache_layers(model):
+        return False  # conv / state-space caches: not keys and values (compressed without a cache)
     return bool(getattr(config.get_text_config(decoder=True), "use_cache", False))
+
+
+def recurrent_cache_layers(model: Any) -> list[str]:
+    """The layer types whose cache holds recurrent state (a conv window, a state-space or linear-attention
+    state) instead of only keys and values, read from the config as transformers' ``DynamicCache`` reads
+    it (Mamba, LFM2's conv layers, Qwen3-Next's linear attention). The KV form carries keys and values."""
+    try:
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicLayer, get_layer_types_and_kwargs
+
+        layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    except Exception:  # older transformers, or a config without layer types: plain KV layers
+        return []
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin as Recurrent
+    except ImportError:  # pragma: no cover - older transformers
+        Recurrent = ()
+    recurrent = set()
+    for layer_type in layer_types:
+        cls = DYNAMIC_LAYER_TYPE_MAPPING.get(layer_type, DynamicLayer)
+        if not issubclass(cls, DynamicLayer) or (Recurrent and issubclass(cls, Recurrent)):
+            recurrent.add(layer_type)
+    return sorted(recurrent)
 
 
 def _can_generate(model) -> bool:

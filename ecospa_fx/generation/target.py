@@ -9,6 +9,7 @@ takes and returns a cache of the compressed widths (``KVLayout``), which ``ecosp
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from ecospa_fx.generation.causal_lm import (
     kv_example,
     prefill,
     random_past,
+    recurrent_cache_layers,
 )
 from passes.state import state_shapes
 from passes.verify import max_abs_diff, max_abs_value
@@ -42,6 +44,7 @@ class CaptureTarget:
     state: list[tuple[int, int]] = field(default_factory=list)
     source: torch.nn.Module | None = None
     auto_dynamic: bool = False  # dynamic_shapes="auto": batch/seq dynamic, static if that capture fails
+    without_cache: bool = False  # a recurrent cache (conv, state space): captured with use_cache=False
 
     @classmethod
     def of(cls, model, inputs: tuple, batches, dynamic_shapes, state=None) -> CaptureTarget:
@@ -52,7 +55,9 @@ class CaptureTarget:
             shapes = _token_axes(inputs) if auto else dynamic_shapes
             return cls(model, inputs, batches, shapes, _state_pairs(state, len(inputs)), auto_dynamic=auto)
         if not is_cached_causal_lm(model):
-            return cls(model, inputs, batches, _token_axes(inputs) if auto else dynamic_shapes, auto_dynamic=auto)
+            plain = cls(model, inputs, batches, _token_axes(inputs) if auto else dynamic_shapes, auto_dynamic=auto)
+            plain.without_cache = _warn_if_recurrent_cache(model)
+            return plain
         _check_token_inputs(inputs, "example_inputs")
         for b, batch in enumerate(batches or []):
             _check_token_inputs(batch, f"calibration[{b}]")
@@ -65,6 +70,8 @@ class CaptureTarget:
         return cls(wrapper, example, converted, shapes, wrapper.state_pairs(), model)
 
     def context(self):
+        if self.without_cache:
+            return _use_cache_off(self.module)
         return capture_context(self.source) if self.source is not None else contextlib.nullcontext()
 
     def check_capture(self, gm) -> None:
@@ -82,6 +89,35 @@ class CaptureTarget:
                 "on the example; this is a bug in ecospa_fx: please report it (load the model with "
                 "use_cache=False to compress it without a cache meanwhile)"
             )
+
+
+@contextlib.contextmanager
+def _use_cache_off(model):
+    """``config.use_cache = False`` for the capture (the forward then returns logits only), restored after."""
+    config = model.config.get_text_config(decoder=True)
+    before = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = before
+
+
+def _warn_if_recurrent_cache(model) -> bool:
+    """A causal LM that caches recurrent state (Mamba, LFM2's conv layers) is compressed without its cache:
+    the KV form carries keys and values only. Said once per compress, not silently; True when so."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config.get_text_config(decoder=True), "use_cache", False):
+        return False
+    layers = recurrent_cache_layers(model)
+    if layers:
+        warnings.warn(
+            f"{type(model).__name__} caches recurrent state ({', '.join(layers)} layers), which the KV form does "
+            "not carry: it is compressed without a cache (whole-sequence logits; ecospa_fx.generate needs a KV "
+            "cache and does not run it)",
+            stacklevel=4,
+        )
+    return bool(layers)
 
 
 def _token_axes(inputs: tuple):

@@ -312,6 +312,7 @@ def _lfm2() -> ZooCase:
         rotary="rotate_half, full head_dim",
         qk_norm="RMSNorm over head_dim",
         attention="GQA 4q/2kv (layer 0), short conv (layer 1)",
+        recurrent_cache=True,  # its conv layers cache a window, not keys and values
     )
     return _case(
         "hf_lfm2",
@@ -333,7 +334,16 @@ def _lfm2() -> ZooCase:
 
 
 def _mamba() -> ZooCase:
-    m = _meta(heads=0, kv_heads=0, head_dim=0, hidden=32, ffn=64, rotary=None, attention="state space (Mamba)")
+    m = _meta(
+        heads=0,
+        kv_heads=0,
+        head_dim=0,
+        hidden=32,
+        ffn=64,
+        rotary=None,
+        attention="state space (Mamba)",
+        recurrent_cache=True,
+    )
     return _case(
         "hf_mamba",
         tf.MambaForCausalLM,

@@ -16,6 +16,7 @@ from ecospa_fx.generation.backends import TorchStepper
 from ecospa_fx.generation.decode import GenerationStats, generate
 from passes.verify import masked_copy
 from tests.ecospa_fx.generation.conftest import CAUSAL_LMS, cached_model, compressed, left_padded_prompt
+from tests.zoo import case_by_name
 
 NEW_TOKENS = 8
 # head granularity in the default tier: GQA, multi-query, sinks, latent attention, routed experts; every
@@ -148,3 +149,15 @@ def test_a_refit_kv_model_generates_what_the_dense_model_with_its_weights_does()
     theirs = masked.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
     _logits_agree(small, masked, theirs, mask)
+
+
+def test_recurrent_cache_models_compress_without_a_cache_and_say_so():
+    """Mamba's cache holds conv and state-space state, not keys and values: compress warns that it works
+    without a cache, the result is exact, and generate says why it cannot run it."""
+    model = cached_model("hf_mamba")
+    ids = case_by_name("hf_mamba").inputs()[0]
+    with pytest.warns(UserWarning, match="caches recurrent state"):
+        small = ecospa_fx.compress(model, (ids,), 0.5)
+    assert small.ecospa_report.max_abs_diff < 1e-4
+    with pytest.raises(InputError, match="recurrent state"):
+        generate(small, ids, 2)
