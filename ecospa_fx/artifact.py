@@ -48,7 +48,7 @@ from ecospa_fx.artifact_format import (
     verify_checksums,
 )
 from ecospa_fx.errors import InputError, one_line
-from ecospa_fx.generation.causal_lm import KV_PREFIX, KVCacheLM, is_cached_causal_lm
+from ecospa_fx.generation.causal_lm import KV_PREFIX, KVCacheLM, is_cached_causal_lm, recurrent_cache_layers
 from ecospa_fx.generation.target import CaptureTarget, KVLayout, kv_layout
 from passes.capture import capture
 from passes.dataflow import analyse
@@ -228,7 +228,7 @@ def load(
     if want_kv:
         gm, analysis, target = _capture_kv(model, inputs)
     else:
-        if saved_kv:  # the plain form returns logits only
+        if saved_kv or recurrent_cache_layers(model):  # the plain form returns logits only
             model.config.get_text_config(decoder=True).use_cache = False
         gm = capture(model, inputs[:1] if saved_kv and example_inputs is None else inputs, dynamic_shapes)
         analysis = analyse(gm)

@@ -151,7 +151,7 @@ def test_a_refit_kv_model_generates_what_the_dense_model_with_its_weights_does()
     _logits_agree(small, masked, theirs, mask)
 
 
-def test_recurrent_cache_models_compress_without_a_cache_and_say_so():
+def test_recurrent_cache_models_compress_without_a_cache_and_say_so(tmp_path):
     """Mamba's cache holds conv and state-space state, not keys and values: compress warns that it works
     without a cache, the result is exact, and generate says why it cannot run it."""
     model = cached_model("hf_mamba")
@@ -161,3 +161,6 @@ def test_recurrent_cache_models_compress_without_a_cache_and_say_so():
     assert small.ecospa_report.max_abs_diff < 1e-4
     with pytest.raises(InputError, match="recurrent state"):
         generate(small, ids, 2)
+    ecospa_fx.save(small, tmp_path)  # and it round-trips as a plain artifact (rebuilt without its cache)
+    back = ecospa_fx.load(tmp_path)
+    assert torch.equal(back(ids)["logits"], small(ids)["logits"])
