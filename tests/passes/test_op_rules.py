@@ -655,3 +655,27 @@ def test_running_sum_over_tokens_keeps_channels_and_over_channels_blocks():
     assert not any(g.kind == "ffn" and g.prunable for g in over_channels)
     reasons = [r for g in over_channels for r in g.reasons]
     assert any("aten::cumsum along a channel axis" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize(
+    ("mid", "reason"),
+    [
+        (lambda h: F.pad(F.gelu(h), (0, 2))[..., :16], "constant padding of an axis that carries channels"),
+        (lambda h: torch.cat(torch.tensor_split(F.gelu(h), [5], dim=-1), -1), "tensor_split along a channel axis"),
+        (lambda h: F.pad(F.gelu(h), (0, 0, 1, 0), value=1.0)[:, 1:], None),  # token axis: prunable
+    ],
+    ids=["pad_channels", "tensor_split_channels", "pad_tokens"],
+)
+def test_time_axis_ops_keep_channels_only_off_the_channel_axis(mid, reason):
+    """``F.pad`` and ``tensor_split`` along the token axis keep the FFN prunable (and exact: a padded
+    position is sliced away before it meets a channel sum); along the channel axis they block, naming why."""
+    _, groups = discover(FFN(mid), X)
+    prunable = any(g.kind == "ffn" and g.prunable for g in groups)
+    reasons = [r for g in groups for r in g.reasons]
+    if reason is None:
+        assert prunable, reasons
+        import ecospa_fx
+
+        assert ecospa_fx.compress(FFN(mid).eval(), (X,), 0.5, round_to=1).ecospa_report.max_abs_diff < 1e-6
+    else:
+        assert not prunable and any(reason in r for r in reasons), reasons
