@@ -252,7 +252,7 @@ class Ctx:
         present = {ch for op in operands for ch in op.letters}
         for ch in sorted(present - set(out_letters)):
             carriers = [(op, op.letter_labels()[ch]) for op in operands if ch in op.letter_labels()]
-            if not carriers or any(self._is_zero(lab) for _, lab in carriers):
+            if not carriers or any(self.is_zero(lab) for _, lab in carriers):
                 continue
             for op, lab in carriers:
                 if self.facts.spaces[lab.space].is_site:
@@ -268,7 +268,7 @@ class Ctx:
                     node,
                 )
 
-    def _is_zero(self, lab: AxisLabel) -> bool:
+    def is_zero(self, lab: AxisLabel) -> bool:
         """Removed positions of ``lab`` are exactly 0 in the masked dense model."""
         return lab.zero_ok and not self.facts.spaces[lab.space].is_site
 

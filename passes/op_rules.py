@@ -576,16 +576,25 @@ def _split(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
     return _pieces(ctx, node, dim, _bounds(list(sizes)))
 
 
-def _data_dependent_pieces(ctx: Ctx, node: fx.Node, dim: int, count: int) -> list[Labels] | None:
-    """A split whose sizes are computed at run time (tokens per expert): every piece keeps the labels when
-    the split axis carries no channel; along a channel axis nobody knows which channels each piece holds."""
+def _off_channel_axis(ctx: Ctx, node: fx.Node, dim: int | None, reason: str) -> Labels | None:
+    """The labels of ``node``'s first argument when its axis ``dim`` (None: ``node.args[1]``) carries no
+    channel, for ops that only move or mix positions along that axis (tokens, time); along a channel axis
+    they block with ``reason``."""
     labels = ctx.lab(node.args[0])
     if labels is None:
         return None
-    if labels[dim] is not None:
-        block_input(ctx, node, "split with data-dependent sizes along a channel axis")
+    d = norm_dim(node.args[1] if dim is None else dim, len(labels))
+    if labels[d] is not None:
+        block_input(ctx, node, reason)
         return None
-    return [labels] * count
+    return labels
+
+
+def _data_dependent_pieces(ctx: Ctx, node: fx.Node, dim: int, count: int) -> list[Labels] | None:
+    """A split whose sizes are computed at run time (tokens per expert): every piece keeps the labels when
+    the split axis carries no channel; along a channel axis nobody knows which channels each piece holds."""
+    labels = _off_channel_axis(ctx, node, dim, "split with data-dependent sizes along a channel axis")
+    return None if labels is None else [labels] * count
 
 
 @rule("aten::cumsum", "aten::cumprod")
@@ -593,14 +602,7 @@ def _scan_along(ctx: Ctx, node: fx.Node) -> Labels | None:
     """A running sum or product along ``dim`` (Mamba-2's decay over time): along an axis that carries no
     channel the other axes keep their labels, and a removed channel stays 0 (a scan of zeros is 0);
     along a channel axis it mixes channels and blocks."""
-    labels = ctx.lab(node.args[0])
-    if labels is None:
-        return None
-    dim = norm_dim(node.args[1], len(labels))
-    if labels[dim] is not None:
-        block_input(ctx, node, f"{schema_name(node.target)} along a channel axis (it mixes channels)")
-        return None
-    return labels
+    return _off_channel_axis(ctx, node, None, f"{schema_name(node.target)} along a channel axis (it mixes channels)")
 
 
 @rule("aten::tensor_split")
@@ -608,14 +610,9 @@ def _tensor_split(ctx: Ctx, node: fx.Node) -> list[Labels] | None:
     """``tensor_split`` at positions along ``dim`` (Mamba splits its scan inputs along time): along an axis
     that carries no channel every piece keeps the labels; along a channel axis it blocks (its split points
     are not rewritten)."""
-    labels = ctx.lab(node.args[0])
-    if labels is None:
-        return None
-    dim = norm_dim(arg(node, 2, "dim", 0), len(labels))
-    if labels[dim] is not None:
-        block_input(ctx, node, "tensor_split along a channel axis (its split points are not rewritten)")
-        return None
-    return [labels] * len(node.meta["val"])
+    reason = "tensor_split along a channel axis (its split points are not rewritten)"
+    labels = _off_channel_axis(ctx, node, arg(node, 2, "dim", 0), reason)
+    return None if labels is None else [labels] * len(node.meta["val"])
 
 
 @rule("aten::chunk")
@@ -653,14 +650,7 @@ def _getitem(ctx: Ctx, node: fx.Node) -> Labels | None:
 
 @rule("aten::index_select")
 def _index_select(ctx: Ctx, node: fx.Node) -> Labels | None:
-    labels = ctx.lab(node.args[0])
-    if labels is None:
-        return None
-    d = norm_dim(node.args[1], len(labels))
-    if labels[d] is not None:
-        block_input(ctx, node, "index_select along a channel axis")
-        return None
-    return labels
+    return _off_channel_axis(ctx, node, None, "index_select along a channel axis")
 
 
 @rule("aten::index")
@@ -1247,8 +1237,9 @@ def _pad(ctx: Ctx, node: fx.Node) -> Labels | None:
     if labels is None:
         return None
     pads = list(node.args[1])
-    mode = arg(node, 2, "mode", "constant") if schema_name(node.target) == "aten::pad" else "constant"
-    value = arg(node, 3 if schema_name(node.target) == "aten::pad" else 2, "value", 0) or 0
+    functional = schema_name(node.target) == "aten::pad"  # pad(x, pads, mode, value); constant_pad_nd(x, pads, value)
+    mode = arg(node, 2, "mode", "constant") if functional else "constant"
+    value = arg(node, 3 if functional else 2, "value", 0) or 0
     padded = {len(labels) - 1 - k // 2 for k, p in enumerate(pads) if p != 0}
     if mode != "constant" or any(labels[a] is not None for a in padded):
         block_input(ctx, node, f"{mode} padding of an axis that carries channels")
@@ -1322,7 +1313,7 @@ def _depthwise_conv(ctx: Ctx, node: fx.Node) -> Labels | None:
     if any(taps):
         ctx.block_labels(taps, "all", "convolution taps (the window is kept whole)", node)
     operands = [
-        Operand(xl, [out_shape[0], out_shape[1], *out_shape[2:]], letters, (0,), ctx.is_weight(x)),
+        Operand(xl, list(out_shape), letters, (0,), ctx.is_weight(x)),  # spatial sizes: unlabelled, any
         Operand(
             (wl[0], *(None,) * (len(wl) - 1)),
             ctx.shape(w),
@@ -1335,6 +1326,6 @@ def _depthwise_conv(ctx: Ctx, node: fx.Node) -> Labels | None:
         operands.append(Operand(ctx.labels_or_none(bias), ctx.shape(bias), ["e1"], (2,), ctx.is_weight(bias)))
     labels = ctx.combine(node, operands, letters)
     channel = [op.letter_labels().get("e1") for op in ctx.last_operands]
-    zero = [lab is not None and lab.zero_ok and not ctx.facts.spaces[lab.space].is_site for lab in channel]
+    zero = [lab is not None and ctx.is_zero(lab) for lab in channel]
     zero_ok = (zero[0] or zero[1]) and (len(zero) < 3 or zero[2])
     return tuple(None if lab is None else replace(lab, zero_ok=zero_ok) for lab in labels)

@@ -55,9 +55,8 @@ class CaptureTarget:
             shapes = _token_axes(inputs) if auto else dynamic_shapes
             return cls(model, inputs, batches, shapes, _state_pairs(state, len(inputs)), auto_dynamic=auto)
         if not is_cached_causal_lm(model):
-            plain = cls(model, inputs, batches, _token_axes(inputs) if auto else dynamic_shapes, auto_dynamic=auto)
-            plain.without_cache = _warn_if_recurrent_cache(model)
-            return plain
+            shapes = _token_axes(inputs) if auto else dynamic_shapes
+            return cls(model, inputs, batches, shapes, auto_dynamic=auto, without_cache=_warn_if_recurrent_cache(model))
         _check_token_inputs(inputs, "example_inputs")
         for b, batch in enumerate(batches or []):
             _check_token_inputs(batch, f"calibration[{b}]")
