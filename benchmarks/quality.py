@@ -149,6 +149,7 @@ class Prunable:
             self.refit_s = time.time() - t0
             self.damping = dict(collections.Counter(fitted.damping.values()))
             fitted.apply_weights(out)
+            keep = fitted.keep
         apply_plan(out, self.analysis, keep)
         if refit is not None:
             add_output_biases(out, fitted.new_biases)
@@ -172,7 +173,8 @@ class RowSpec:
     (a unit's share of its group), ``med`` by the group's median unit score (robust to massive-activation
     units); ``comp`` adds bias compensation of the removed V/O and FFN channels; ``plan`` only plans
     (per-layer allocation, no perplexity); ``refit`` / ``refitself`` refit the kept W_o / W_down columns and
-    biases (``passes.importance.refit``, target dense output / own output), ``nob`` without the bias."""
+    biases (``passes.importance.refit``, target dense output / own output), ``nob`` without the bias, ``obs``
+    with the removed units re-chosen at each sink by reconstruction error (``passes.importance.obs_select``)."""
 
     criterion: str
     allocation: str = "uniform"
@@ -181,17 +183,19 @@ class RowSpec:
     plan_only: bool = False  # +plan: plan and report the allocation, no evaluation
     refit: str = ""  # +refit: reconstruction towards the dense output; +refitself: towards its own output
     intercept: bool = True  # +nob: refit without fitting the output bias
+    select: bool = False  # +obs: the refit re-chooses the removed units by reconstruction error
 
     @classmethod
     def parse(cls, row: str) -> RowSpec:
         criterion, *mods = row.split("+")
-        unknown = set(mods) - {"global", "norm", "med", "comp", "plan", "refit", "refitself", "nob"}
+        unknown = set(mods) - {"global", "norm", "med", "comp", "plan", "refit", "refitself", "nob", "obs"}
         if unknown:
             raise SystemExit(f"unknown row modifiers {sorted(unknown)} in {row!r}")
         norm = "sum" if "norm" in mods else "median" if "med" in mods else ""
         refit = "dense" if "refit" in mods else "self" if "refitself" in mods else ""
         allocation = "global" if "global" in mods else "uniform"
-        return cls(criterion, allocation, norm, "comp" in mods, "plan" in mods, refit, "nob" not in mods)
+        flags = ("comp" in mods, "plan" in mods, refit, "nob" not in mods, "obs" in mods)
+        return cls(criterion, allocation, norm, *flags)
 
     @property
     def budget(self) -> str:
@@ -360,7 +364,7 @@ def bench_smollm2(args, log) -> dict:
             out["timings"]["compensation_means_s"] = time.time() - t0
         for ratio in args.ratios:
             t0 = time.time()
-            refit = RefitSettings(spec.refit, args.damp, spec.intercept) if spec.refit else None
+            refit = RefitSettings(spec.refit, args.damp, spec.intercept, spec.select) if spec.refit else None
             means = cache.get("means") if spec.compensate else None
             compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means, refit, calibration)
             ppl = float("nan") if spec.plan_only else perplexity(compressed, evaluation)
@@ -540,7 +544,7 @@ def bench_minilm(args, log) -> dict:
         scores = spec.transform(prunable.scores(spec.criterion, calibration, embedding_loss, args.seed))
         means = prunable.means(calibration) if spec.compensate else None
         for ratio in args.ratios:
-            refit = RefitSettings(spec.refit, args.damp, spec.intercept) if spec.refit else None
+            refit = RefitSettings(spec.refit, args.damp, spec.intercept, spec.select) if spec.refit else None
             compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means, refit, calibration)
             cos, top1 = fidelity(compressed, dense_emb, evaluation)
             out["rows"].setdefault(row, {})[str(ratio)] = {"cos": cos, "top1": top1, "params": n_params(compressed)}

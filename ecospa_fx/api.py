@@ -49,9 +49,10 @@ def compress(
     The result is a ``torch.fx.GraphModule`` called with the same positional inputs as ``model``; its
     report is ``result.ecospa_report`` (also ``result.report``). ``model`` is not modified. Options are the
     fields of ``CompressConfig`` (granularity, kinds, round_to, importance, allocation, budget,
-    max_sparsity, across_kinds, seed, compensate, refit, refit_damp, refit_bias, verify, atol, rtol). With
-    ``calibration`` the units are ranked by their activations and the kept W_o / W_down columns are refit to
-    preserve each layer's output (``refit="auto"``).
+    max_sparsity, across_kinds, seed, compensate, refit, refit_damp, refit_bias, reselect, verify, atol,
+    rtol). With ``calibration`` the units are ranked by their activations, the kept W_o / W_down columns are
+    refit to preserve each layer's output (``refit="auto"``; ``reselect=True`` also re-chooses there which
+    V/O and FFN units go, by the error the refit leaves).
 
     dynamic_shapes: ``"auto"`` (default): batch (axis 0) and sequence (axis 1 of token ids and of ``[B, S, H]``
         float inputs) dynamic where the example has 2 or more and the model allows it, static where it pins
@@ -97,7 +98,7 @@ def compress(
     score_inputs = ScoreInputs(gm, analysis.facts, params, analysis.labels, batches, loss_fn, config.seed)
     keep, report = _plan(groups, analysis.facts, params, config, score_inputs)
     keep = _reconcile(groups, analysis, keep, report)
-    compressed, dense, deltas = _rewritten(gm, analysis, groups, keep, score_inputs, config, report, progress)
+    compressed, dense, deltas, keep = _rewritten(gm, analysis, groups, keep, score_inputs, config, report, progress)
     report.params_before = _count(gm)
     report.params_after = _count(compressed)
     state = StateMap.of(analysis, keep) if target.state else None
@@ -207,11 +208,15 @@ def _resolved(config: CompressConfig, calibration) -> CompressConfig:
 
 
 def _rewritten(gm, analysis, groups, keep, score_inputs: ScoreInputs, config: CompressConfig, report, progress):
-    """``(compressed, dense reference for the oracle, new output biases by node)``: the refit (if any) runs
-    on the dense graph first; the plan is applied to a copy carrying the refit weights; new biases (refit
+    """``(compressed, dense reference for the oracle, new output biases by node, keep)``: the refit (if any)
+    runs on the dense graph first (and may re-choose which units go: ``keep`` is then its mask, the report's
+    groups follow it); the plan is applied to a copy carrying the refit weights; new biases (refit
     intercepts, or bias compensation when there is no refit) are added to both sides."""
     planned = [g for g in groups if not g.reasons]
     refit = _refit(score_inputs, planned, keep, config, progress)
+    if refit.keep is not None and not np.array_equal(refit.keep, keep):
+        keep = refit.keep
+        _rechosen(report, planned, score_inputs.facts, keep)
     compressed = refit.apply_weights(copy_module(gm))
     try:
         apply_plan(compressed, analysis, keep)
@@ -224,8 +229,14 @@ def _rewritten(gm, analysis, groups, keep, score_inputs: ScoreInputs, config: Co
     report.refit = tuple(refit.sites)
     report.not_refit = tuple(name for name, damp in refit.damping.items() if damp is None)
     if not refit.sites and not deltas:
-        return compressed, gm, deltas
-    return compressed, add_output_biases(refit.apply_weights(copy_module(gm)), deltas), deltas
+        return compressed, gm, deltas, keep
+    return compressed, add_output_biases(refit.apply_weights(copy_module(gm)), deltas), deltas, keep
+
+
+def _rechosen(report: Report, groups: list[CoupledUnits], facts: CouplingFacts, keep: np.ndarray) -> None:
+    """The report's group entries rebuilt for units the refit re-chose (same counts, other indices)."""
+    fresh = {(entry.kind, entry.params): entry for entry in (_report_group(g, facts, keep) for g in groups)}
+    report.groups = [dataclasses.replace(fresh.get((e.kind, e.params), e), note=e.note) for e in report.groups]
 
 
 def _refit(score_inputs: ScoreInputs, groups: list[CoupledUnits], keep, config: CompressConfig, progress) -> Refit:
@@ -234,7 +245,7 @@ def _refit(score_inputs: ScoreInputs, groups: list[CoupledUnits], keep, config: 
     target = config.refit if config.refit != "auto" else "self"
     if target == "none" or not config.sparsity or not score_inputs.calibration or keep.all():
         return Refit()
-    settings = RefitSettings(target, config.refit_damp, config.refit_bias or config.compensate)
+    settings = RefitSettings(target, config.refit_damp, config.refit_bias or config.compensate, config.reselect)
     return reconstruct(score_inputs, groups, keep, settings, progress)
 
 

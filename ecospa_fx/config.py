@@ -56,6 +56,12 @@ class CompressConfig:
         refit where no damping beats the plain removal on them.
     refit_bias: the refit also creates an output bias where the sink had none (a constant the removed
         channels' means leave; the model then no longer matches its Hugging Face class).
+    reselect: with a refit, re-choose at each W_o / W_down which units of the groups ending there go, by
+        the output error the refit leaves (the OBS cost on that sink's Gram matrix, greedy in batches as in
+        SlimGPT: ``passes.importance.obs_select``), keeping the plan's counts per head and per group, so the
+        budget and the importance's allocation hold; False (default): the importance scores alone choose
+        (measured: it lowers the calibration text's perplexity at 50% but raises other text's, see
+        benchmarks/README "Reconstruction"). Groups that also meet at q.k (Q/K) are never re-chosen.
     verify: check the result against the masked dense model (the mask oracle) on the example inputs.
     atol, rtol: verification passes when max|compressed - masked dense| <= atol + rtol * max|output|.
     """
@@ -74,6 +80,7 @@ class CompressConfig:
     refit: str = "auto"
     refit_damp: float | None = None
     refit_bias: bool = False
+    reselect: bool = False
     verify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-5
@@ -101,8 +108,9 @@ class CompressConfig:
             raise InputError(f"compensate must be True or False, got {self.compensate!r}")
         if self.refit not in REFITS:
             raise InputError(f"refit must be one of {REFITS}, got {self.refit!r}")
-        if not isinstance(self.refit_bias, bool):
-            raise InputError(f"refit_bias must be True or False, got {self.refit_bias!r}")
+        for name in ("refit_bias", "reselect"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         damp = self.refit_damp
         real = isinstance(damp, numbers.Real) and not isinstance(damp, bool)
         if damp is not None and not (real and math.isfinite(damp) and damp >= 0):

@@ -52,6 +52,7 @@ from passes.groups import CoupledUnits, removed_by_space
 from passes.importance.base import ScoreInputs, operand_ids, sinks, wanted_mask
 from passes.importance.compensate import add_output_biases, weight_row_ids
 from passes.importance.layerwise import run_nodes
+from passes.importance.obs_select import select
 from passes.verify import masked_copy
 
 aten = torch.ops.aten
@@ -63,11 +64,14 @@ class RefitSettings:
     """target: "dense" or "self" (module docstring); damp: ridge as a fraction of each channel's Gram diagonal
     (None: the value of ``DAMPINGS`` with the lowest error on held-out tokens, per sink; no refit at a sink
     where none beats the plain removal there);
-    intercept: also fit the output bias (a new bias where the linear had none and its outputs are whole)."""
+    intercept: also fit the output bias (a new bias where the linear had none and its outputs are whole);
+    select: at each sink, re-choose which units of the groups ending there are removed, by their OBS cost on
+    this sink's Gram matrix (``passes.importance.obs_select``), keeping the plan's counts."""
 
     target: str = "self"
     damp: float | None = None  # None: chosen per sink on held-out tokens
     intercept: bool = True
+    select: bool = False  # re-choose which units go at each sink by reconstruction error (obs_select)
 
 
 @dataclass
@@ -84,6 +88,11 @@ class _Site:
     kept: np.ndarray
     removed: np.ndarray
     intercept: bool = False
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # channel id per input column
+
+    def rekeep(self, keep: np.ndarray) -> None:
+        """Kept / removed columns under a new keep mask."""
+        self.kept, self.removed = np.flatnonzero(keep[self.ids]), np.flatnonzero(~keep[self.ids])
 
 
 @dataclass
@@ -95,6 +104,7 @@ class Refit:
     new_biases: dict[str, torch.Tensor] = field(default_factory=dict)
     sites: list[str] = field(default_factory=list)
     damping: dict[str, float | None] = field(default_factory=dict)  # weight -> damping used (None: not refit)
+    keep: np.ndarray | None = None  # the keep mask the refit was made for (re-chosen units, ``select``)
 
     def apply_weights(self, gm: fx.GraphModule) -> fx.GraphModule:
         """In place: every refit weight and existing bias takes its new value (shapes unchanged)."""
@@ -144,6 +154,7 @@ def refit_sites(inputs: ScoreInputs, groups: list[CoupledUnits], keep: np.ndarra
             np.flatnonzero(keep[ids]),
             np.flatnonzero(~keep[ids]),
             fit_bias,
+            ids,
         )
         out.append(site)
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
@@ -216,17 +227,39 @@ def upfront_removed(inputs: ScoreInputs, groups: list[CoupledUnits], keep: np.nd
     """(param, dim, indices) to zero before the run: every group with a channel that some contraction other
     than a refit sink sums away (q.k, a matmul with a weight, a sink sharing its weight)."""
     facts = inputs.facts
+    elsewhere = summed_elsewhere(facts, refit)
+    out = []
+    for group in groups:
+        if elsewhere[group.channels].any():
+            spaces = [(facts.spaces[s], idx) for s, idx in removed_by_space(group, facts, keep)]
+            out += [(space.param, space.dim, idx) for space, idx in spaces if not space.is_virtual]
+    return out
+
+
+def summed_elsewhere(facts, refit: set[str]) -> np.ndarray:
+    """Channels that some contraction other than the refit sinks ``refit`` sums away."""
     elsewhere = np.zeros(facts.n_channels, dtype=bool)
     for c in facts.contractions:
         if c.node in refit:
             continue
         for i, space, letters in sinks(c):
             elsewhere[operand_ids(facts, c.operands[i], space, letters, c.sizes).reshape(-1)] = True
-    out = []
+    return elsewhere
+
+
+def ending_at(facts, groups: list[CoupledUnits], sites: list[_Site]) -> dict[str, list[CoupledUnits]]:
+    """Sink node -> the groups whose channels are summed away at that refit sink and nowhere else (the
+    groups whose units ``select`` may re-choose there)."""
+    elsewhere = summed_elsewhere(facts, {s.node for s in sites})
+    where = np.full(facts.n_channels, -1)
+    for k, site in enumerate(sites):
+        seen = where[site.ids]
+        where[site.ids] = np.where((seen == -1) | (seen == k), k, -2)  # -2: summed at two sinks
+    out: dict[str, list[CoupledUnits]] = {}
     for group in groups:
-        if elsewhere[group.channels].any():
-            spaces = [(facts.spaces[s], idx) for s, idx in removed_by_space(group, facts, keep)]
-            out += [(space.param, space.dim, idx) for space, idx in spaces if not space.is_virtual]
+        hit = set(where[group.channels].tolist()) - {-1}
+        if len(hit) == 1 and min(hit) >= 0 and not elsewhere[group.channels].any():
+            out.setdefault(sites[min(hit)].node, []).append(group)
     return out
 
 
@@ -384,10 +417,11 @@ def reconstruct(
     if settings.target not in TARGETS:
         raise ValueError(f"refit target must be one of {TARGETS}, got {settings.target!r}")
     sites = refit_sites(inputs, groups, keep, settings.intercept)
-    refit = Refit()
+    refit = Refit(keep=keep)
     if not sites or not inputs.calibration:
         return refit
     gm = inputs.gm
+    choosable = ending_at(inputs.facts, groups, sites) if settings.select else {}
     work = masked_copy(gm, upfront_removed(inputs, groups, keep, {s.node for s in sites}))
     runners = [_Stepper(work)] + ([_Stepper(gm)] if settings.target == "dense" else [])
     batches = list(getattr(inputs.calibration, "batches", inputs.calibration))  # unwrapped: no per-batch progress
@@ -400,11 +434,29 @@ def reconstruct(
                     env[b] = runner.run_nodes(stretch, env[b], batch)
                 dense = runners[-1].input_of(envs[-1][b], site) if len(runners) > 1 else None
                 gram.add(runners[0].input_of(envs[0][b], site), dense)
+            if site.node in choosable:
+                keep = _reselect(gram, gm, site, choosable[site.node], inputs.facts, keep)
             solved = solve(gram, *_weight_and_bias(gm, site), site, settings.damp)
             _write(runners[0], refit, site, solved if solved is not None else _plain(work, site))
             if progress is not None:
                 progress(done + 1, len(sites))
+    refit.keep = keep
     return refit
+
+
+def _reselect(gram: _Gram, dense: fx.GraphModule, site: _Site, groups, facts, keep: np.ndarray) -> np.ndarray:
+    """``keep`` with the units of ``groups`` re-chosen at ``site`` by OBS cost (``obs_select.select``) on
+    the sink's Gram over every token (the intercept row included when a bias is fitted)."""
+    g = gram.total()[0]
+    weight = _tensor(dense, site.weight).detach().to(device="cpu", dtype=torch.float64)
+    weight = weight if site.in_axis == 1 else weight.T
+    if site.intercept:
+        weight = torch.cat([weight, torch.zeros(weight.shape[0], 1, dtype=weight.dtype)], dim=1)
+    else:
+        g = g[:-1, :-1]
+    keep = select(g, weight, groups, facts, keep, site.ids)
+    site.rekeep(keep)
+    return keep
 
 
 def _weight_and_bias(dense: fx.GraphModule, site: _Site):

@@ -193,8 +193,24 @@ def test_refit_is_the_default_with_calibration_and_passes_the_oracle(llama):
     name = report.refit[0]
     assert not torch.equal(out.get_parameter(name), plain.get_parameter(name))
     assert not out.ecospa_compensated  # Llama has no o/down bias and refit_bias is off
-    auto = ecospa_fx.compress(model, inputs, 0.5, calibration=batches).ecospa_report  # damping chosen per weight
-    assert sorted(auto.refit + auto.not_refit) == sorted(report.refit) and auto.max_abs_diff < 1e-4
+    auto = ecospa_fx.compress(model, inputs, 0.5, calibration=batches).ecospa_report
+    assert sorted(auto.refit + auto.not_refit) == sorted(report.refit) and auto.max_abs_diff < 1e-4  # damping
+
+
+def test_reselection_changes_which_units_go_not_how_many(llama):
+    """reselect=True: the refit re-chooses the V/O and FFN units at their sinks (OBS cost): the report lists the
+    new indices, every member loses as many as the plan said, Q/K keep the plan's choice, and the oracle
+    (with the report's indices) stays exact."""
+    model, inputs, calibration = llama
+    batches = calibration * 4
+    chosen = ecospa_fx.compress(model, inputs, 0.5, calibration=batches, reselect=True).ecospa_report
+    planned = ecospa_fx.compress(model, inputs, 0.5, calibration=batches).ecospa_report
+    assert chosen.max_abs_diff < 1e-4
+    groups = zip(chosen.groups, planned.groups, strict=True)
+    pairs = [(a, b) for g, h in groups for a, b in zip(g.members, h.members, strict=True)]
+    assert all(a.param == b.param and len(a.removed) == len(b.removed) for a, b in pairs)
+    assert any(a.removed != b.removed for a, b in pairs if a.param.endswith("down_proj.weight"))
+    assert all(a.removed == b.removed for a, b in pairs if a.param.endswith(("q_proj.weight", "k_proj.weight")))
 
 
 def test_refit_bias_and_self_target(llama):
@@ -217,6 +233,8 @@ def test_refit_options_are_checked(llama):
         CompressConfig(refit_damp=-1.0)
     with pytest.raises(InputError, match="refit_bias"):
         CompressConfig(refit_bias="yes")
+    with pytest.raises(InputError, match="reselect must be True or False"):
+        CompressConfig(reselect=1)
 
 
 def test_refit_bias_goes_only_where_a_linear_can_take_it():
