@@ -131,9 +131,10 @@ class Prunable:
         means: SinkMeans | None = None,
         refit: RefitSettings | None = None,
         calibration=None,
+        across: bool = False,
     ):
         facts = self.analysis.facts
-        settings = PlanSettings(sparsity, 1, "channel", allocation, budget, 0.9)
+        settings = PlanSettings(sparsity, 1, "channel", allocation, budget, 0.9, across, kind_scale=False)
         costs = unit_costs(self.groups, facts, self.params, budget)
         keep = np.ones(facts.n_channels, dtype=bool)
         for group, unit_keep in zip(self.groups, plan_groups(self.groups, scores, facts, settings, costs), strict=True):
@@ -173,7 +174,8 @@ class RowSpec:
     (a unit's share of its group), ``med`` by the group's median unit score (robust to massive-activation
     units); ``comp`` adds bias compensation of the removed V/O and FFN channels; ``plan`` only plans
     (per-layer allocation, no perplexity); ``refit`` / ``refitself`` refit the kept W_o / W_down columns and
-    biases (``passes.importance.refit``, target dense output / own output), ``nob`` without the bias, ``obs``
+    biases (``passes.importance.refit``, target dense output / own output), ``nob`` without the bias, ``across``
+    allocates globally over all kinds in one pool (scores as they are: Fisher's share one unit), ``obs``
     with the removed units re-chosen at each sink by reconstruction error (``passes.importance.obs_select``)."""
 
     criterion: str
@@ -184,17 +186,18 @@ class RowSpec:
     refit: str = ""  # +refit: reconstruction towards the dense output; +refitself: towards its own output
     intercept: bool = True  # +nob: refit without fitting the output bias
     select: bool = False  # +obs: the refit re-chooses the removed units by reconstruction error
+    across: bool = False  # +across: global allocation in one pool over all kinds, scores as they are
 
     @classmethod
     def parse(cls, row: str) -> RowSpec:
         criterion, *mods = row.split("+")
-        unknown = set(mods) - {"global", "norm", "med", "comp", "plan", "refit", "refitself", "nob", "obs"}
+        unknown = set(mods) - {"global", "norm", "med", "comp", "plan", "refit", "refitself", "nob", "obs", "across"}
         if unknown:
             raise SystemExit(f"unknown row modifiers {sorted(unknown)} in {row!r}")
         norm = "sum" if "norm" in mods else "median" if "med" in mods else ""
         refit = "dense" if "refit" in mods else "self" if "refitself" in mods else ""
         allocation = "global" if "global" in mods else "uniform"
-        flags = ("comp" in mods, "plan" in mods, refit, "nob" not in mods, "obs" in mods)
+        flags = ("comp" in mods, "plan" in mods, refit, "nob" not in mods, "obs" in mods, "across" in mods)
         return cls(criterion, allocation, norm, *flags)
 
     @property
@@ -366,7 +369,9 @@ def bench_smollm2(args, log) -> dict:
             t0 = time.time()
             refit = RefitSettings(spec.refit, args.damp, spec.intercept, spec.select) if spec.refit else None
             means = cache.get("means") if spec.compensate else None
-            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means, refit, calibration)
+            compressed = prunable.compressed(
+                scores, ratio, spec.allocation, spec.budget, means, refit, calibration, spec.across
+            )
             ppl = float("nan") if spec.plan_only else perplexity(compressed, evaluation)
             ppl2 = float("nan") if spec.plan_only else perplexity(compressed, second)
             cell = {"ppl": ppl, "ppl_pydoc": ppl2, "params": n_params(compressed)}
@@ -545,7 +550,9 @@ def bench_minilm(args, log) -> dict:
         means = prunable.means(calibration) if spec.compensate else None
         for ratio in args.ratios:
             refit = RefitSettings(spec.refit, args.damp, spec.intercept, spec.select) if spec.refit else None
-            compressed = prunable.compressed(scores, ratio, spec.allocation, spec.budget, means, refit, calibration)
+            compressed = prunable.compressed(
+                scores, ratio, spec.allocation, spec.budget, means, refit, calibration, spec.across
+            )
             cos, top1 = fidelity(compressed, dense_emb, evaluation)
             out["rows"].setdefault(row, {})[str(ratio)] = {"cos": cos, "top1": top1, "params": n_params(compressed)}
             log(f"  minilm {row} {ratio:.0%}: cos {cos:.4f} top1 {top1:.3f} params {n_params(compressed):,}")

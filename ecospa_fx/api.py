@@ -74,7 +74,7 @@ def compress(
     says so (``training=False``). A ``UserWarning`` says when nothing was prunable, and why.
     """
     calibration = calibration_list(calibration)
-    config = _resolved(config or CompressConfig(sparsity=sparsity, **options), calibration)
+    config = _resolved(config or CompressConfig(sparsity=sparsity, **options), calibration, loss_fn)
     if config.granularity == "auto":
         return _auto_granularity(model, example_inputs, config, dynamic_shapes, calibration, loss_fn)
     inputs = _checked(model, example_inputs)
@@ -129,7 +129,7 @@ def discover(
     gm = _capture(model, inputs, dynamic_shapes, warn_modes=False)
     analysis = analyse(gm)
     groups = build_groups(analysis.facts, granularity)
-    config = CompressConfig(sparsity=0.0, granularity=granularity, verify=False)
+    config = _resolved(CompressConfig(sparsity=0.0, granularity=granularity, verify=False), None)
     _, report = _plan(groups, analysis.facts, {}, config)
     report.params_before = report.params_after = _count(gm)
     return report
@@ -200,11 +200,18 @@ def _auto_granularity(model, example_inputs, config: CompressConfig, dynamic_sha
     return choice.model
 
 
-def _resolved(config: CompressConfig, calibration) -> CompressConfig:
-    """importance="auto": "activation" when calibration batches are given, else "magnitude"."""
-    if config.importance != "auto":
-        return config
-    return dataclasses.replace(config, importance="activation" if calibration else "magnitude")
+def _resolved(config: CompressConfig, calibration, loss_fn=None) -> CompressConfig:
+    """The "auto" settings made concrete (``CompressConfig``): importance "fisher" with calibration and a
+    loss, "activation" with calibration only, else "magnitude"; allocation "global" for scores that compare
+    across layers, else "uniform"; budget "params" under global allocation, else "channels"."""
+    importance = config.importance
+    if importance == "auto":
+        importance = ("fisher" if loss_fn is not None else "activation") if calibration else "magnitude"
+    allocation = config.allocation
+    if allocation == "auto":
+        allocation = "global" if importance == "fisher" else "uniform"  # measured: benchmarks/README "Quality"
+    budget = config.budget if config.budget != "auto" else "params" if allocation == "global" else "channels"
+    return dataclasses.replace(config, importance=importance, allocation=allocation, budget=budget)
 
 
 def _rewritten(gm, analysis, groups, keep, score_inputs: ScoreInputs, config: CompressConfig, report, progress):

@@ -188,7 +188,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
         "--importance",
         choices=IMPORTANCES,
         default="auto",
-        help="unit scores: auto = activation with --calibration, else magnitude (auto)",
+        help="unit scores: auto = with --calibration fisher (causal LMs, layers allocated globally) or "
+        "activation, else magnitude (auto)",
     )
     p.add_argument(
         "--calibration",

@@ -183,9 +183,10 @@ def run_compress(args: argparse.Namespace, ui: Ui) -> int:
     with ui.stage(f"loading {args.model}"):
         model, config = load_model(args.model, args.gguf_file)
     tokenizer = _tokenizer_or_none(args.model, args.gguf_file)
-    example, calibration, loss_fn = _compress_inputs(args, config, tokenizer)
+    example, calibration, loss_fn = _compress_inputs(args, config, tokenizer, type(model).__name__)
     tokens = _calibration_tokens(calibration)
-    what = f"compressing at sparsity {args.sparsity:g} ({args.importance} scores"
+    scores = args.importance if args.importance != "auto" else "fisher" if loss_fn else "activation"
+    what = f"compressing at sparsity {args.sparsity:g} ({scores if calibration else args.importance} scores"
     what += f" on {len(calibration)} calibration batches, {tokens:,} tokens)" if calibration else ")"
     stages = ": calibration batches, then refit weights"
     meter = ui.bar(what + stages) if calibration else ui.stage(what + ": capture, score, rewrite")
@@ -270,8 +271,10 @@ def _tokenizer_or_none(path: Path, gguf_file: str | None):
         return None
 
 
-def _compress_inputs(args: argparse.Namespace, config, tokenizer) -> tuple[tuple, list | None, Any]:
-    """Example inputs, calibration batches (from --calibration) and the Fisher loss."""
+def _compress_inputs(args: argparse.Namespace, config, tokenizer, class_name: str) -> tuple[tuple, list | None, Any]:
+    """Example inputs, calibration batches (from --calibration) and the Fisher loss (next-token cross entropy,
+    for --importance fisher, and for "auto" on a causal LM: Fisher scores with global allocation are the best
+    measured, benchmarks/README "Quality")."""
     needs = args.importance in ("activation", "fisher")
     if needs and args.calibration is None:
         raise InputError(
@@ -292,7 +295,8 @@ def _compress_inputs(args: argparse.Namespace, config, tokenizer) -> tuple[tuple
     batches = [(rows[k : k + args.batch],) for k in range(0, len(rows) - args.batch + 1, args.batch)]
     if not batches:
         raise InputError(f"{args.calibration} is too short for one batch of {args.batch} x {args.seq} tokens")
-    loss_fn = _next_token_loss if args.importance == "fisher" else None
+    causal = _metric("auto", class_name) == "perplexity"
+    loss_fn = _next_token_loss if args.importance == "fisher" or (args.importance == "auto" and causal) else None
     return batches[0], batches, loss_fn
 
 

@@ -27,15 +27,19 @@ class CompressConfig:
         call that directly for other targets or an injected cost model).
     kinds: which group kinds may be pruned (others are left dense and listed as such).
     round_to: keep counts are rounded to multiples of this where the width allows (8 suits GEMM kernels).
-    importance: how units are ranked: "auto" (the default: "activation" when ``calibration`` is given,
-        else "magnitude"), "magnitude" (product of the coupled weights' norms, data-free),
+    importance: how units are ranked: "auto" (the default: "fisher" when ``calibration`` and ``loss_fn`` are
+        given, "activation" when only ``calibration`` is, else "magnitude"; the best measured first,
+        benchmarks/README "Quality"), "magnitude" (product of the coupled weights' norms, data-free),
         "activation" (expected squared contribution at the contraction sinks; needs ``calibration``),
         "fisher" (empirical Fisher of the unit masks; needs ``calibration`` and ``loss_fn``), and the
         baselines "uncoupled" (one matrix's own norms, the others follow by index) and "random".
     allocation: "uniform" (every group loses the same fraction) or "global" (groups of a kind compete by
-        score per unit of cost, none losing more than ``max_sparsity``).
+        score per unit of cost, none losing more than ``max_sparsity``); "auto" (default): "global" when the
+        importance's scores compare across layers (Fisher's are loss changes), else "uniform" (energies
+        drift with depth; measured, benchmarks/README "Quality").
     budget: what ``sparsity`` is a fraction of: "channels" (of each group), "params" or "flops" (of the
-        planned groups, counted over the whole model at the example shapes).
+        planned groups, counted over the whole model at the example shapes); "auto" (default): "params"
+        under global allocation, "channels" under uniform.
     max_sparsity: the per-group (per-layer) cap under global allocation.
     across_kinds: global allocation ranks qk, vo and ffn units in one pool (scores normalised per kind).
     seed: seed of the "random" criterion.
@@ -71,8 +75,8 @@ class CompressConfig:
     kinds: tuple[str, ...] = field(default=KINDS)
     round_to: int = 8
     importance: str = "auto"
-    allocation: str = "uniform"
-    budget: str = "channels"
+    allocation: str = "auto"
+    budget: str = "auto"
     max_sparsity: float = 0.9
     across_kinds: bool = False
     seed: int = 0
@@ -115,10 +119,10 @@ class CompressConfig:
         real = isinstance(damp, numbers.Real) and not isinstance(damp, bool)
         if damp is not None and not (real and math.isfinite(damp) and damp >= 0):
             raise InputError(f"refit_damp must be a finite number >= 0 (a fraction of the Gram diagonal), got {damp!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise InputError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.budget not in BUDGETS:
-            raise InputError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        if self.allocation not in ("auto", *ALLOCATIONS):
+            raise InputError(f"allocation must be one of {('auto', *ALLOCATIONS)}, got {self.allocation!r}")
+        if self.budget not in ("auto", *BUDGETS):
+            raise InputError(f"budget must be one of {('auto', *BUDGETS)}, got {self.budget!r}")
         if not 0.0 < float(self.max_sparsity) <= 1.0:
             raise InputError(f"max_sparsity must be in (0, 1], got {self.max_sparsity!r}")
         _check_tolerance("atol", self.atol, positive=True)

@@ -39,7 +39,8 @@ class PlanSettings:
     allocation: str = "uniform"  # "uniform": same ratio per group; "global": allocate by score
     budget: str = "channels"  # what ``sparsity`` counts: "channels" (per group), "params", "flops"
     max_sparsity: float = 0.9  # global allocation: no group loses more than this fraction of its channels
-    across_kinds: bool = False  # global allocation: one pool for all kinds (scores normalised per kind)
+    across_kinds: bool = False  # global allocation: one pool for all kinds
+    kind_scale: bool = True  # across kinds: normalise each kind's scores (False: they share one unit, as Fisher's)
 
 
 def keep_count(n: int, sparsity: float, round_to: int) -> int:
@@ -267,7 +268,7 @@ def plan_groups(
         pools.setdefault("all" if settings.across_kinds else g.kind, []).append(i)
     level = [0] * len(groups)
     for members in pools.values():
-        scale = _kind_scales(groups, scores, costs, members) if settings.across_kinds else None
+        scale = _kind_scales(groups, scores, costs, members) if settings.across_kinds and settings.kind_scale else None
         target = settings.sparsity * sum(float(costs[i].sum()) for i in members)
         _greedy(ladders, members, level, target, scale)
     return [ladders[i][level[i]][0] for i in range(len(groups))]
