@@ -211,7 +211,10 @@ def _resolved(config: CompressConfig, calibration, loss_fn=None) -> CompressConf
     if allocation == "auto":
         allocation = "global" if importance == "fisher" else "uniform"  # measured: benchmarks/README "Quality"
     budget = config.budget if config.budget != "auto" else "params" if allocation == "global" else "channels"
-    return dataclasses.replace(config, importance=importance, allocation=allocation, budget=budget)
+    across = config.across_kinds
+    if across is None:
+        across = allocation == "global" and CRITERIA[importance].across_kinds
+    return dataclasses.replace(config, importance=importance, allocation=allocation, budget=budget, across_kinds=across)
 
 
 def _rewritten(gm, analysis, groups, keep, score_inputs: ScoreInputs, config: CompressConfig, report, progress):
@@ -294,7 +297,8 @@ def _plan(groups: list[CoupledUnits], facts: CouplingFacts, params, config: Comp
         config.allocation,
         config.budget,
         config.max_sparsity,
-        config.across_kinds,
+        bool(config.across_kinds),
+        kind_scale=not CRITERIA[config.importance].across_kinds,
     )
     planned = []
     for group in groups:

@@ -71,6 +71,7 @@ class Criterion:
     needs_loss: bool = False
     doc: str = ""
     comparable: bool = True  # scores of one kind comparable across layers (else normalise for global plans)
+    across_kinds: bool = False  # scores of different kinds share one unit (a loss change): one global pool
 
 
 def relative_to_median(scores: list[np.ndarray]) -> list[np.ndarray]:

@@ -97,5 +97,6 @@ CRITERION = Criterion(
     score,
     needs_calibration=True,
     needs_loss=True,
+    across_kinds=True,  # every kind's score is the same loss-change estimate (Q/K's derivative is q_c k_c's)
     doc="empirical Fisher of the unit mask: sum over batches of (sum of grad*weight over the unit)^2",
 )

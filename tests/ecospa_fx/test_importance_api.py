@@ -223,6 +223,26 @@ def test_refit_bias_and_self_target(llama):
         assert out.get_parameter(f"_ecospa_bias_{node}").shape == (model.config.hidden_size,)
 
 
+def test_auto_settings_resolve_to_the_best_measured_path():
+    """importance/allocation/budget/across_kinds "auto": Fisher in one global pool by parameters when a
+    loss is given; activation, uniform by channels with calibration only; magnitude without data; what the
+    user sets explicitly stays."""
+    from ecospa_fx.api import _resolved
+
+    batches = [(torch.zeros(1, 4, dtype=torch.long),)]
+
+    def settings(config):
+        return config.importance, config.allocation, config.budget, config.across_kinds
+
+    assert settings(_resolved(CompressConfig(), batches, loss_fn=lm_loss)) == ("fisher", "global", "params", True)
+    assert settings(_resolved(CompressConfig(), batches)) == ("activation", "uniform", "channels", False)
+    assert _resolved(CompressConfig(), None).importance == "magnitude"
+    mine = CompressConfig(allocation="uniform", across_kinds=False)
+    assert settings(_resolved(mine, batches, loss_fn=lm_loss)) == ("fisher", "uniform", "channels", False)
+    with pytest.raises(InputError, match="across_kinds"):
+        CompressConfig(across_kinds="yes")
+
+
 def test_refit_options_are_checked(llama):
     model, inputs, _ = llama
     with pytest.raises(InputError, match="refit='dense' needs calibration"):

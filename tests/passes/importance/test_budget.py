@@ -109,6 +109,20 @@ def test_global_across_kinds_normalises_each_kind():
     assert abs(int((~keeps[0]).sum()) - int((~keeps[1]).sum())) <= 1
 
 
+def test_global_across_kinds_with_shared_units_takes_the_cheap_kind():
+    """kind_scale=False (scores in one unit, as Fisher's loss changes): the kind whose units cost 1000x
+    less loses (almost) all the budget, where per-kind normalisation would split it evenly."""
+    facts = CouplingFacts()
+    a = ffn_group(facts, 16, "a")
+    b = ffn_group(facts, 16, "b")
+    b.kind = "qk"
+    scores = [np.linspace(1, 2, 16), 1000 * np.linspace(1, 2, 16)]
+    costs = unit_costs([a, b], facts, {}, "channels")
+    settings = PlanSettings(0.4, round_to=1, allocation="global", across_kinds=True, kind_scale=False)
+    keeps = plan_groups([a, b], scores, facts, settings, costs)
+    assert int((~keeps[0]).sum()) == 13 and keeps[1].all()  # 40% of 32 units, all from the cheap kind
+
+
 def test_flop_cost_of_an_ffn_channel_is_its_two_matrix_products(block):
     from .conftest import E, prepare
 
