@@ -103,12 +103,15 @@ class Prunable:
     last_keep: np.ndarray | None = None
     refit_s: float = 0.0
     damping: dict = field(default_factory=dict)
+    granularity: str = "channel"
 
     def __post_init__(self):
         with torch.no_grad():
             self.gm = capture(self.module, self.example)
         self.analysis = analyse(self.gm)
-        self.groups = [g for g in build_groups(self.analysis.facts, "channel") if not g.reasons and g.kind in KINDS]
+        kinds = KINDS if self.granularity == "channel" else ("head", "ffn")
+        groups = build_groups(self.analysis.facts, self.granularity)
+        self.groups = [g for g in groups if not g.reasons and g.kind in kinds]
         self.params = dict(self.gm.named_parameters(remove_duplicate=False))
 
     def scores(self, criterion: str, calibration=None, loss_fn=None, seed: int = 0):
@@ -134,14 +137,19 @@ class Prunable:
         across: bool = False,
     ):
         facts = self.analysis.facts
-        settings = PlanSettings(sparsity, 1, "channel", allocation, budget, 0.9, across, kind_scale=False)
+        settings = PlanSettings(sparsity, 1, self.granularity, allocation, budget, 0.9, across, kind_scale=False)
         costs = unit_costs(self.groups, facts, self.params, budget)
         keep = np.ones(facts.n_channels, dtype=bool)
         for group, unit_keep in zip(self.groups, plan_groups(self.groups, scores, facts, settings, costs), strict=True):
             for unit, kept in zip(group.units, unit_keep, strict=True):
                 if not kept:
                     keep[unit] = False
-        keep = _reconcile(self.groups, self.analysis, keep, Report(sparsity=sparsity, granularity="channel"))
+        return self.build(keep, sparsity, means, refit, calibration)
+
+    def build(self, keep: np.ndarray, sparsity: float, means=None, refit=None, calibration=None):
+        """The rewritten model for the keep mask ``keep`` (refit and bias compensation as asked)."""
+        facts = self.analysis.facts
+        keep = _reconcile(self.groups, self.analysis, keep, Report(sparsity=sparsity, granularity=self.granularity))
         out = copy.deepcopy(self.gm)
         if refit is not None:
             inputs = ScoreInputs(self.gm, facts, self.params, self.analysis.labels, calibration)
