@@ -11,10 +11,10 @@ exact rewrite (so their parameter counts are real):
   W_down scores ``||x_c||_2 * sum_i |W_ic|``; a head (a KV head with its query heads) sums its W_o
   columns; every layer loses the same fraction of heads and of FFN channels; nothing is compensated.
 - **FLAP** (An et al. 2024): the fluctuation ``Var_n(x_c) * ||W[:, c]||^2`` per W_o / W_down input
-  channel, summed per head; scores standardised per structure (heads, FFN channels) over all layers;
-  the lowest standardised scores are removed over all layers and both structures until the parameter
-  budget is met (adaptive structure search); the removed channels' calibration means are folded into the
-  output bias (``W[:, R] E[x_R]``).
+  channel, standardised over each layer's channels of one structure (W_o's, W_down's), a head scored by
+  the mean of its channels; the lowest standardised units are removed over all layers and both
+  structures until the parameter budget is met (adaptive structure search); the removed channels'
+  calibration means are folded into the output bias (``W[:, R] E[x_R]``).
 - **SlimGPT-style** (Ling et al. 2024): OBS selection and update at each sink, layer by layer on the
   model already pruned before it, the same fraction everywhere: our refit with ``reselect`` and a uniform
   plan at channel granularity (``activation+refitself+obs`` of quality.py).
@@ -98,8 +98,15 @@ def column_scores(model: torch.nn.Module, stats: SinkStats, method: str) -> dict
     return out
 
 
-def unit_scores(prunable: Q.Prunable, columns: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Each unit's score: the sum over the W_o / W_down input columns it holds."""
+def standardised(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """FLAP's standardisation: each weight's (one layer's one structure's) column scores minus their mean,
+    over their standard deviation (this removes the growth of the fluctuation with depth)."""
+    return {k: (v - v.mean()) / (v.std(ddof=1) or 1.0) for k, v in columns.items()}
+
+
+def unit_scores(prunable: Q.Prunable, columns: dict[str, np.ndarray], mean: bool = False) -> list[np.ndarray]:
+    """Each unit's score: the sum (``mean``: the mean, as FLAP averages a head's standardised channels)
+    over the W_o / W_down input columns it holds."""
     facts = prunable.analysis.facts
     out = []
     for group in prunable.groups:
@@ -107,25 +114,20 @@ def unit_scores(prunable: Q.Prunable, columns: dict[str, np.ndarray]) -> list[np
         sinks = [s for s in spaces if s.dim == 1 and s.param in columns]
         scores = np.zeros(len(group.units))
         for i, unit in enumerate(group.units):
-            for s in sinks:
-                mine = unit[(unit >= s.offset) & (unit < s.offset + s.size)] - s.offset
-                scores[i] += float(columns[s.param][mine].sum())
+            picked = [columns[s.param][unit[(unit >= s.offset) & (unit < s.offset + s.size)] - s.offset] for s in sinks]
+            values = np.concatenate(picked) if picked else np.zeros(0)
+            scores[i] = float(values.mean() if mean else values.sum()) if len(values) else 0.0
         out.append(scores)
     return out
 
 
 def flap_keep(prunable: Q.Prunable, scores: list[np.ndarray], sparsity: float) -> np.ndarray:
-    """FLAP's adaptive structure search: standardise per structure over all layers, remove the lowest
-    standardised units anywhere until ``sparsity`` of the prunable parameters are gone (every group keeps
-    at least one unit)."""
+    """FLAP's adaptive structure search over standardised scores (``standardised``): remove the lowest
+    units anywhere, heads and FFN channels alike, until ``sparsity`` of the prunable parameters are gone
+    (every group keeps at least one unit)."""
     facts = prunable.analysis.facts
     costs = Q.unit_costs(prunable.groups, facts, prunable.params, "params")
-    z = []
-    for kind in {g.kind for g in prunable.groups}:
-        idx = [i for i, g in enumerate(prunable.groups) if g.kind == kind]
-        pooled = np.concatenate([scores[i] for i in idx])
-        mu, sd = pooled.mean(), pooled.std() or 1.0
-        z += [((scores[i][u] - mu) / sd, i, u) for i in idx for u in range(len(scores[i]))]
+    z = [(scores[i][u], i, u) for i in range(len(scores)) for u in range(len(scores[i]))]
     target = sparsity * sum(float(c.sum()) for c in costs)
     keep = np.ones(facts.n_channels, dtype=bool)
     left = [len(g.units) for g in prunable.groups]
@@ -155,7 +157,8 @@ def run(args) -> dict:
     results: dict = {"dense": {t: Q.perplexity(channel.gm, b) for t, b in texts.items()}, "rows": {}}
     print(f"dense: {results['dense']}", flush=True)
     columns = {k: column_scores(model, stats, k) for k in ("wanda", "flap")}
-    wanda, flap = unit_scores(head, columns["wanda"]), unit_scores(head, columns["flap"])
+    wanda = unit_scores(head, columns["wanda"])
+    flap = unit_scores(head, standardised(columns["flap"]), mean=True)
     means = head.means(calibration)
     fisher = channel.scores("fisher", calibration, Q.lm_loss)
     activation = channel.scores("activation", calibration)
