@@ -61,7 +61,9 @@ class _Surgeon:
         diag = torch.diagonal(gram)
         floor = 1e-6 * float(diag.mean()) if len(diag) else 0.0
         h = gram + torch.diag(damp * diag + floor)
-        self.p = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        factor, info = torch.linalg.cholesky_ex(h)
+        self.ok = int(info) == 0  # False: a sink that saw no signal (an all-zero Gram): nothing to choose by
+        self.p = torch.cholesky_inverse(factor) if self.ok else h
         self.w = weight.clone()
 
     def cost(self, columns: list[np.ndarray]) -> np.ndarray:
@@ -114,6 +116,8 @@ def select(
     if not units or not any(budget.values()):
         return keep.copy()
     surgeon = _Surgeon(gram, weight.double(), damp)
+    if not surgeon.ok:
+        return keep.copy()
     fixed = np.flatnonzero(~out[ids])
     if len(fixed):
         surgeon.remove(fixed)

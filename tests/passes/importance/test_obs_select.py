@@ -79,3 +79,19 @@ def test_the_obs_cost_is_the_least_squares_error_of_the_removal():
         fit = torch.linalg.lstsq(x[:, kept], x @ w.T).solution
         err = float(((x[:, kept] @ fit - x @ w.T) ** 2).sum())
         assert abs(surgeon.cost([np.array(cols)])[0] - err) < 1e-3 * err  # the ridge floor: 1e-6 of the diagonal
+
+
+def test_a_sink_that_saw_nothing_keeps_the_plan(block):
+    """An all-zero Gram (no signal reached the sink) cannot rank anything: the plan's choice stands."""
+    from passes.importance import obs_select
+    from passes.importance.refit import refit_sites
+
+    inputs, groups, _ = prepare(block)
+    keep = keep_without(inputs, groups["ffn"], "up.weight", [0, 3])
+    (site,) = refit_sites(inputs, [groups["ffn"]], keep, intercept=False)
+    weight, zero = torch.randn(4, FF, dtype=torch.float64), torch.zeros(FF, FF, dtype=torch.float64)
+    assert not obs_select._Surgeon(zero, weight, obs_select.DAMP).ok
+    ffn, facts = [groups["ffn"]], inputs.facts
+    assert np.array_equal(obs_select.select(zero, weight, ffn, facts, keep, site.ids), keep)
+    moved = obs_select.select(torch.eye(FF, dtype=torch.float64), weight, ffn, facts, keep, site.ids)
+    assert (~moved).sum() == (~keep).sum()  # with signal it runs (and keeps the counts)
