@@ -11,14 +11,19 @@ mask oracle zeros, and scaling them scales the unit's contribution linearly); ot
 sides are activations) the average over the group's matrices (Q rows and K rows each give the same
 derivative of the bilinear term ``q_c k_c``). Biases and norm vectors in that side count too.
 
-One calibration batch is one sample of the gradient: use batches of one sequence. Memory is the model, its
-gradients for the scored weights only, and one batch's autograd graph.
+Each sequence is one sample of the gradient: a batch of ``B`` sequences runs forward once and backward
+``B`` times, once per sequence's own loss (``loss_fn`` on that sequence's slice of the outputs and of the
+batch, along the leading axis), so the score does not depend on how the calibration data is batched. Where
+the outputs or the batch do not share that leading size, or the loss cannot be taken per slice, the batch
+is one sample. Memory is the model, its gradients for the scored weights only, and one batch's autograd
+graph.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from passes.coupling_state import CouplingFacts
 from passes.groups import CoupledUnits
@@ -57,6 +62,25 @@ def channel_gw(inputs: ScoreInputs, spaces: set[int]) -> np.ndarray:
     return out
 
 
+def sample_losses(loss_fn, outputs, batch: tuple) -> list[torch.Tensor]:
+    """One loss per sequence of ``batch`` (module docstring), or ``[loss of the whole batch]``."""
+    tensors = [t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    sizes = {t.shape[0] for t in tensors}
+    out_sizes = {t.shape[0] for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1 or sizes != out_sizes or next(iter(sizes)) < 2:
+        return [loss_fn(outputs, batch)]
+    n = next(iter(sizes))
+
+    def row(tree, i: int):
+        return pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, tree)
+
+    try:
+        losses = [loss_fn(row(outputs, i), row(batch, i)) for i in range(n)]
+    except Exception:  # a loss that needs the whole batch (in-batch negatives, ...): the batch is one sample
+        return [loss_fn(outputs, batch)]
+    return losses if all(isinstance(x, torch.Tensor) and x.dim() == 0 for x in losses) else [loss_fn(outputs, batch)]
+
+
 def score(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[np.ndarray]:
     facts, params, gm = inputs.facts, inputs.params, inputs.gm
     sides = weight_sides(groups, inputs.facts, inputs.params)
@@ -76,14 +100,15 @@ def score(groups: list[CoupledUnits], inputs: ScoreInputs) -> list[np.ndarray]:
         for name, p in gm.named_parameters():
             p.requires_grad_(name in names)  # gradients only for the weights that are read
         for batch in inputs.calibration or []:
-            gm.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = inputs.loss_fn(gm(*batch), batch)
-                loss.backward()
-            gw = channel_gw(inputs, used)
-            for k, (group, (_, n_mats)) in enumerate(zip(groups, sides, strict=True)):
-                (per_unit,) = sum_per_unit([group], np.where(masks[k], gw, 0.0))
-                fisher[k] += (per_unit / n_mats) ** 2
+                losses = sample_losses(inputs.loss_fn, gm(*batch), batch)
+                for i, loss in enumerate(losses):
+                    gm.zero_grad(set_to_none=True)
+                    loss.backward(retain_graph=i + 1 < len(losses))
+                    gw = channel_gw(inputs, used)
+                    for k, (group, (_, n_mats)) in enumerate(zip(groups, sides, strict=True)):
+                        (per_unit,) = sum_per_unit([group], np.where(masks[k], gw, 0.0))
+                        fisher[k] += (per_unit / n_mats) ** 2
     finally:
         for name, p in gm.named_parameters():
             p.requires_grad_(flags[name])

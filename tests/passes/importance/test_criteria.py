@@ -160,3 +160,35 @@ def test_calibration_stops_after_the_last_sink(block):
     assert seen[-1] == collector.last == max(plans, key=order.index)
     assert "output" not in seen and len(seen) < len(order)
     assert not collector.env  # nothing held between batches
+
+
+def test_fisher_takes_each_sequence_of_a_batch_as_its_own_sample(block):
+    """F_u = sum over sequences s of (sum over W_down[:, u] of grad_s * w)^2, each sequence's loss on its
+    own, whatever the batching: checked against the eager block run one sequence at a time."""
+    from .conftest import mse_loss
+
+    inputs, groups, batches = prepare(block, n_batches=2)
+    (got,) = score_groups("fisher", [groups["ffn"]], inputs)
+    want = np.zeros(FF)
+    for (x,) in batches:
+        for s in range(x.shape[0]):
+            block.zero_grad(set_to_none=True)
+            mse_loss(block(x[s : s + 1]), (x[s : s + 1],)).backward()
+            gw = (block.down.weight.grad * block.down.weight).sum(0).detach().double().numpy()
+            want += gw**2
+    block.zero_grad(set_to_none=True)
+    order = [local(inputs.facts, u, "up.weight")[0] for u in groups["ffn"].units]
+    assert np.allclose(got, want[order], rtol=1e-4, atol=1e-12)
+    assert not np.allclose(got, _batch_as_one_sample(block, batches)[order], rtol=1e-2)
+
+
+def _batch_as_one_sample(block, batches) -> np.ndarray:
+    from .conftest import mse_loss
+
+    out = np.zeros(FF)
+    for (x,) in batches:
+        block.zero_grad(set_to_none=True)
+        mse_loss(block(x), (x,)).backward()
+        out += ((block.down.weight.grad * block.down.weight).sum(0).detach().double().numpy()) ** 2
+    block.zero_grad(set_to_none=True)
+    return out
