@@ -296,17 +296,10 @@ def _compress_inputs(args: argparse.Namespace, config, tokenizer, class_name: st
     if not batches:
         raise InputError(f"{args.calibration} is too short for one batch of {args.batch} x {args.seq} tokens")
     causal = _metric("auto", class_name) == "perplexity"
-    loss_fn = _next_token_loss if args.importance == "fisher" or (args.importance == "auto" and causal) else None
+    from ecospa_fx.evaluate import next_token_loss
+
+    loss_fn = next_token_loss if args.importance == "fisher" or (args.importance == "auto" and causal) else None
     return batches[0], batches, loss_fn
-
-
-def _next_token_loss(outputs, batch: tuple) -> torch.Tensor:
-    """Causal LM loss for Fisher scores: logits at position t predict token t + 1."""
-    from ecospa_fx.evaluate import _logits
-
-    logits = _logits(outputs)
-    ids = batch[0]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
 def _write_artifact(compressed, args: argparse.Namespace, tokenizer) -> tuple[Path, tuple[Path, Path], dict]:

@@ -160,6 +160,13 @@ def _nearest(e: torch.Tensor) -> torch.Tensor:
     return sim.argmax(dim=-1)
 
 
+def next_token_loss(outputs, batch: tuple) -> torch.Tensor:
+    """Causal LM loss (for Fisher scores): the logits at position t predict token t + 1 of ``batch[0]``."""
+    logits = _logits(outputs)
+    ids = batch[0]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
 def _logits(output) -> torch.Tensor:
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):

@@ -3,7 +3,8 @@ cache, and generating beside the dense model.
 
 1. load SmolLM2-135M-Instruct from the package's Q4_1 GGUF (dequantised to fp32) with its KV cache;
 2. calibrate on ``calibration_tokens`` tokens of Python's own documentation (``pydoc_data.topics``, in
-   every Python) and compress at ``sparsity`` (activation scores; the oracle checks the result);
+   every Python) and compress at ``sparsity`` (Fisher scores of the next-token loss, planned in one
+   global pool over layers and kinds, the kept W_o / W_down refit; the oracle checks the result);
 3. export dense and compressed to ONNX with past/present KV (parity checked on prefill and decode);
 4. generate greedily from the same chat prompt with each, in PyTorch and in onnxruntime (2 threads),
    timing the models round robin (``rounds`` generations each, median decode tokens/s).
@@ -69,6 +70,7 @@ def run_llm_demo(
 ) -> list[LlmRow]:
     """Dense and compressed SmolLM2 side by side (see the module docstring); one row per model."""
     import ecospa_fx
+    from ecospa_fx.evaluate import next_token_loss
     from ecospa_fx.generation.job import encode_prompt
     from ecospa_fx.generation.onnx_kv import export_kv_onnx
     from ecospa_fx.loading import load_model, load_tokenizer, offline
@@ -83,7 +85,7 @@ def run_llm_demo(
     dense = ecospa_fx.compress(model, example, 0.0, verify=False)
     progress(f"calibrating on {calibration_tokens} tokens of Python docs, compressing at {sparsity:g}")
     batches = python_docs_batches(tokenizer, calibration_tokens)
-    small = ecospa_fx.compress(model, example, sparsity, calibration=batches)
+    small = ecospa_fx.compress(model, example, sparsity, calibration=batches, loss_fn=next_token_loss)
     ids = encode_prompt(tokenizer, prompt, chat=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = []

@@ -22,9 +22,18 @@ from pathlib import Path
 import torch
 
 from ecospa_fx.errors import InputError
-from ecospa_fx.export import ExportError, _check_model, _describe, _parity, _translate, check_writable, quiet_exporter
+from ecospa_fx.export import (
+    ExportError,
+    ParityError,
+    _check_model,
+    _describe,
+    _parity,
+    _translate,
+    check_writable,
+    quiet_exporter,
+)
 from ecospa_fx.generation.backends import PAST_NAME, PRESENT_NAME, kv_names
-from passes.verify import max_abs_value
+from passes.verify import _as_float64, _float64, max_abs_diff, max_abs_value
 
 AXES = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence_length"}
 TOTAL = "total_sequence_length"
@@ -48,7 +57,9 @@ def export_kv_onnx(
 ) -> KVExportResult:
     """Write the KV form of ``compressed`` (what ``compress`` returned for a cached causal LM) to ``path``.
     ``atol``: the parity bound; default ``1e-4 + 1e-5 * max|output|`` per checked input set (float32
-    rounding grows with depth and magnitude: a 30-layer model's keys differ by ~1e-4 in onnxruntime)."""
+    rounding grows with depth and magnitude: a 30-layer model's keys differ by ~1e-4 in onnxruntime), widened
+    where that fails to twice PyTorch's own float32 error on those inputs (``_rounding_bound``; the result's
+    ``notes`` say where)."""
     layout = getattr(compressed, "ecospa_kv", None)
     if layout is None:
         raise InputError(
@@ -72,9 +83,33 @@ def export_kv_onnx(
         with torch.no_grad():
             reference = compressed(*inputs)
         bound = atol if atol is not None else 1e-4 + 1e-5 * max_abs_value(reference)
-        for name, diff in _parity(path, compressed, [inputs], reference, names, bound).items():
+        try:
+            found = _parity(path, compressed, [inputs], reference, names, bound)
+        except ParityError as err:
+            if atol is not None or not err.diff <= (wider := _rounding_bound(compressed, inputs, reference, bound)):
+                raise
+            found = _parity(path, compressed, [inputs], reference, names, wider)
+            notes.append(
+                f"{err.output}: onnxruntime differs from PyTorch by {err.diff:.2e} on inputs {batch}x{seq} "
+                f"(past {past}), within twice PyTorch's own float32 rounding there ({wider / 2:.2e} from float64)"
+            )
+        for name, diff in found.items():
             diffs[name] = max(diffs.get(name, 0.0), diff)
     return KVExportResult(path, used, {"logits": diffs["logits"], "present": _max_present(diffs)}, tuple(notes))
+
+
+def _rounding_bound(compressed, inputs: tuple, reference, base: float) -> float:
+    """Twice PyTorch's own float32 rounding error on ``inputs`` (its distance to the same graph run in
+    float64), or ``base`` where that is larger or the graph cannot run in float64. Two float32 runtimes of
+    one deep model differ by up to the sum of their rounding errors; measured on SmolLM2 after a Fisher plan
+    (1x5 prefill): PyTorch float32 vs float64 5.0e-3 on the logits, onnxruntime vs PyTorch 9.6e-4,
+    onnxruntime vs float64 4.0e-3. Only computed when the plain bound fails (a float64 copy of the model)."""
+    try:
+        with torch.no_grad():
+            exact = _as_float64(compressed)(*_float64(inputs))
+    except RuntimeError:
+        return base
+    return max(base, 2.0 * max_abs_diff(reference, exact))
 
 
 def _max_present(diffs: dict[str, float]) -> float:

@@ -89,3 +89,18 @@ def test_genai_needs_one_cache_width():
     uniform = KVLayout(2, ((2, 4),) * 4, ((2, 8),) * 4, torch.float32)
     mixed = KVLayout(2, ((2, 4), (2, 4), (2, 8), (2, 8)), ((2, 8),) * 4, torch.float32)
     assert genai_problem(uniform) == "" and "differ across layers" in genai_problem(mixed)
+
+
+def test_the_parity_bound_widens_to_pytorchs_own_float32_rounding_only(tmp_path):
+    """Where onnxruntime misses the plain bound, the bound becomes twice PyTorch's float32 error on those
+    inputs (its distance to the same graph in float64): a reference 1.0 off the exact function allows
+    2.0; a reference that is exact allows no more than the plain bound."""
+    from ecospa_fx.generation.onnx_kv import _inputs, _rounding_bound
+
+    _, small, _ = compressed("hf_llama_gqa", "channel")
+    inputs = _inputs(small, 1, 5, 0)
+    with torch.no_grad():
+        reference = small(*inputs)
+    assert _rounding_bound(small, inputs, reference, 1e-4) < 1e-4 + 1e-9  # a tiny model rounds far below it
+    shifted = (reference[0] + 1.0, *reference[1:])
+    assert abs(_rounding_bound(small, inputs, shifted, 1e-4) - 2.0) < 1e-3
